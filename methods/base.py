@@ -1,0 +1,86 @@
+"""The method plugin API: a config dataclass, a ``Method`` class and the context a method runs in."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from runners.errors import ConfigError
+from runners.registry import Registry
+
+if TYPE_CHECKING:
+    from tasks.adapters import ModelAdapter
+    from tasks.base import Task
+
+METHODS: Registry["Method"] = Registry("method")
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. ``ratio`` is the fraction of parameters removed inside ``scope`` (0.9 = 10x)."""
+
+    name: str = MISSING
+    ratio: float = 0.5
+    scope: str = "auto"  # an adapter scope: auto (the architecture's default), linear, attention, mlp, prunable
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.ratio) < 1.0:
+            raise ConfigError(f"method.ratio={self.ratio} is outside (0, 1): it is the fraction of parameters removed")
+
+
+@dataclass
+class CompressContext:
+    """What a method may use while it compresses: the task (for calibration data), device and seeded RNG."""
+
+    task: "Task"
+    device: torch.device
+    seed: int
+    progress: bool = True
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def calibration_batches(self) -> Iterable[Any]:
+        return self.task.calibration_batches(self.seed)
+
+
+class Method:
+    """Base class. Subclasses set ``config_class`` and implement ``apply``; register with ``@METHODS.register(name)``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    uses_ratio: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+    train_time: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def semantic_config(self) -> dict[str, Any]:
+        """The fields that change the result (the run id hashes these)."""
+        d = dataclasses.asdict(self.cfg)
+        if not self.uses_ratio:
+            d.pop("ratio")
+        return d
+
+    def check(self, adapter: "ModelAdapter") -> None:
+        """Refuse a model this method cannot compress, before any compute."""
+        if not adapter.scope(self.cfg.scope):
+            raise ConfigError(f"method {self.name}: scope {self.cfg.scope!r} holds no modules in "
+                              f"{type(adapter.model).__name__}; scopes: {', '.join(adapter.scope_names())}")
+
+    def apply(self, model: nn.Module, adapter: "ModelAdapter", ctx: CompressContext) -> dict[str, float]:
+        """Compress ``model`` in place (replacing modules through ``adapter``); return method-specific numbers."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Train-time methods: re-impose their constraint (e.g. masks) after every optimizer step."""
+
+
+def create_method(cfg: MethodConfig) -> Method:
+    return METHODS.get(cfg.name)(cfg)

@@ -1,0 +1,220 @@
+"""Modules that methods put in place of dense layers.
+
+Every compressed module derives from ``CompressedModule`` and tells the accounting what it stores
+(``stored_tensors``), what index structures it needs (``index_bytes``), how to rebuild it empty
+(``spec``) and what dense weight it computes (``dense_weight``, for tests and references).
+Parameters shared by several modules are the same ``nn.Parameter`` object, so they are stored,
+counted and moved to a device once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODULE_CLASSES: dict[str, type["CompressedModule"]] = {}
+
+
+class CompressedModule(nn.Module):
+    """Base class. Subclasses register themselves by class name for reloading saved models."""
+
+    dense_weight_shape: tuple[int, ...]
+    # tensor attribute names that are not part of the dense "weight" (kept when counting over a scope's weights only)
+    non_weight_tensors: ClassVar[tuple[str, ...]] = ("bias",)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        MODULE_CLASSES[cls.__name__] = cls
+
+    def stored_tensors(self, weights_only: bool = False) -> list[tuple[torch.Tensor, int]]:
+        """(tensor, number of stored values) for each parameter this module keeps; shared ones appear in every sharer."""
+        out = []
+        for name, p in self.named_parameters(recurse=False):
+            if weights_only and name in self.non_weight_tensors:
+                continue
+            out.append((p, p.numel()))
+        return out
+
+    def index_bytes(self) -> int:
+        """Bytes of masks or sparse indices needed at inference, reported apart from parameters."""
+        return 0
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor keyword arguments: ``type(self)(**spec)`` builds an empty twin."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight this module computes with, shape ``dense_weight_shape``."""
+        raise NotImplementedError
+
+
+class LowRankLinear(CompressedModule):
+    """y = (x V^T) U^T + b with U: (out, rank), V: (rank, in). Replaces an ``nn.Linear`` (out, in)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.dense_weight_shape = (out_features, in_features)
+        self.u = nn.Parameter(torch.empty(out_features, rank))
+        self.v = nn.Parameter(torch.empty(rank, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
+        m = cls(v.shape[1], u.shape[0], u.shape[1], bias is not None)
+        with torch.no_grad():
+            m.u.copy_(u)
+            m.v.copy_(v)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m.to(u.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.bias is not None}
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.u @ self.v
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(CompressedModule):
+    """A k x k conv to ``rank`` channels followed by a 1 x 1 conv to ``out_channels``: the rank-``rank`` factorisation
+    of the dense weight reshaped to (out, in * k * k). V: (rank, in, k, k), U: (out, rank, 1, 1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
+                 dilation=1, bias: bool = False):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.kernel_size, self.stride, self.padding, self.dilation = (kh, kw), _pair(stride), _pair(padding), _pair(dilation)
+        self.dense_weight_shape = (out_channels, in_channels, kh, kw)
+        self.v = nn.Parameter(torch.empty(rank, in_channels, kh, kw))
+        self.u = nn.Parameter(torch.empty(out_channels, rank, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor) -> "LowRankConv2d":
+        """``u`` (out, rank) and ``v`` (rank, in * kh * kw) factor ``conv.weight`` reshaped to a matrix."""
+        if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise TypeError("LowRankConv2d replaces ungrouped, zero-padded convolutions with numeric padding")
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, u.shape[1], conv.stride, conv.padding,
+                conv.dilation, conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+        with torch.no_grad():
+            m.u.copy_(u.reshape(m.u.shape))
+            m.v.copy_(v.reshape(m.v.shape))
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.v, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.u, self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "rank": self.rank, "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation), "bias": self.bias is not None}
+
+    def dense_weight(self) -> torch.Tensor:
+        return (self.u.flatten(1) @ self.v.flatten(1)).view(self.dense_weight_shape)
+
+
+def _pair(x) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+class _Masked(CompressedModule):
+    """Unstructured sparsity: ``weight * mask``; the stored size is nnz(mask), the mask costs one bit per weight."""
+
+    mask: torch.Tensor
+
+    def _init_mask(self) -> None:
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self.dense_weight_shape = tuple(self.weight.shape)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask.copy_(mask.to(torch.bool))
+        self.enforce_mask()
+
+    @torch.no_grad()
+    def enforce_mask(self) -> None:
+        """Zero the pruned weights (call after every optimizer step in train-time pruning)."""
+        self.weight.mul_(self.mask)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def stored_tensors(self, weights_only: bool = False) -> list[tuple[torch.Tensor, int]]:
+        out = [(self.masked_weight(), int(self.mask.sum()))]
+        if not weights_only and self.bias is not None:
+            out.append((self.bias, self.bias.numel()))
+        return out
+
+    def index_bytes(self) -> int:
+        return math.ceil(self.mask.numel() / 8)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.masked_weight()
+
+
+class MaskedLinear(_Masked, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self._init_mask()
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear) -> "MaskedLinear":
+        m = cls(layer.in_features, layer.out_features, layer.bias is not None).to(layer.weight.device, layer.weight.dtype)
+        m.load_state_dict(layer.state_dict(), strict=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+
+class MaskedConv2d(_Masked, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros"):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode)
+        self._init_mask()
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d) -> "MaskedConv2d":
+        m = cls(**_conv_spec(layer)).to(layer.weight.device, layer.weight.dtype)
+        m.load_state_dict(layer.state_dict(), strict=False)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return _conv_spec(self)
+
+
+def _conv_spec(layer: nn.Conv2d) -> dict[str, Any]:
+    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            "dilation": list(layer.dilation), "groups": layer.groups, "bias": layer.bias is not None,
+            "padding_mode": layer.padding_mode}
+
+
+def masked_from_dense(layer: nn.Module) -> _Masked:
+    if isinstance(layer, nn.Linear):
+        return MaskedLinear.from_dense(layer)
+    if isinstance(layer, nn.Conv2d):
+        return MaskedConv2d.from_dense(layer)
+    raise TypeError(f"cannot mask a {type(layer).__name__}; expected nn.Linear or nn.Conv2d")

@@ -1,0 +1,1 @@
+"""Runners: the run loop, run records, measurements, reports and loggers."""

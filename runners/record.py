@@ -1,0 +1,204 @@
+"""Run folders: ``<out_dir>/runs/<run_id>/{run.json, metrics.json}``, written atomically.
+
+``run_id`` is a stable hash of the semantic configuration (task, method, seed), never a timestamp, so
+launching a sweep again finds its finished runs and skips them. A per-run ``flock`` guards against two
+processes running the same point; a process that dies releases it, so its ``running`` run is redone.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+RUN_JSON = "run.json"
+METRICS_JSON = "metrics.json"
+STATUSES = ("running", "done", "failed")
+PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "lm-eval", "datasets", "hydra-core",
+            "hydra-submitit-launcher", "submitit", "wandb", "safetensors", "numpy", "pandas", "scikit-learn")
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def make_run_id(task_name: str, method_name: str, semantic: dict[str, Any]) -> str:
+    """``<task>-<method>-<hash>``: readable, and a pure function of the semantic config."""
+    return f"{task_name}-{method_name}-{stable_hash(semantic)}"
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: store them as strings so a bad number is visible, never silently parsed."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_status(run_dir: Path) -> str | None:
+    rec = read_json(Path(run_dir) / RUN_JSON)
+    return rec.get("status") if rec else None
+
+
+@contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path``; yields False when non-blocking and someone else holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=CODE_ROOT, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        info.update(gpu=torch.cuda.get_device_name(idx), gpu_count=torch.cuda.device_count(),
+                    cudnn=torch.backends.cudnn.version(),
+                    gpu_memory_bytes=torch.cuda.get_device_properties(idx).total_memory)
+    return info
+
+
+def slurm_ids() -> dict[str, str] | None:
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+            "restart_count": "SLURM_RESTART_COUNT", "node": "SLURMD_NODENAME"}
+    ids = {k: os.environ[v] for k, v in keys.items() if v in os.environ}
+    return ids or None
+
+
+class RunRecord:
+    """The ``run.json`` of one run; every change is written through atomically."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.data = data
+        self._stage_start: dict[str, float] = {}
+
+    @classmethod
+    def start(cls, run_dir: Path, run_id: str, config: dict[str, Any], overrides: list[str], seed: int,
+              device: torch.device, experiment: str) -> "RunRecord":
+        previous = read_json(Path(run_dir) / RUN_JSON) or {}
+        data = {
+            "run_id": run_id, "status": "running", "experiment": experiment, "config": config,
+            "overrides": list(overrides), "seeds": {"seed": seed}, "stages": {}, "error": None, "traceback": None,
+            "failure_reason": None, "attempt": int(previous.get("attempt", 0)) + 1,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_at": None,
+            "git": git_state(), "packages": package_versions(), "device": device_info(device),
+            "hostname": socket.gethostname(), "slurm": slurm_ids(), "pid": os.getpid(),
+        }
+        rec = cls(run_dir, data)
+        rec.save()
+        return rec
+
+    def save(self) -> None:
+        write_json_atomic(self.run_dir / RUN_JSON, self.data)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (seconds, wall clock) into ``stages``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data["stages"][name] = round(time.perf_counter() - t0, 4)
+            self.save()
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / METRICS_JSON, metrics)
+        self.data.update(status="done", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        self.save()
+
+    def fail(self, reason: str, error: str, tb: str, extra: dict[str, Any] | None = None) -> None:
+        self.data.update(status="failed", failure_reason=reason, error=error, traceback=tb,
+                         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if extra:
+            self.data.update(extra)
+        self.save()

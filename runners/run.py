@@ -1,0 +1,252 @@
+"""One run: load the task -> evaluate the dense model (cached) -> apply the method -> evaluate -> measure ->
+write the run record -> log.
+
+    python -m runners.run task=demo_lm method=svd method.ratio=0.5 seed=0 out_dir=results/x
+    python -m runners.run -m experiment=demo
+
+Every point of a command line (and of an experiment's sweep) is composed and validated before anything is
+built, so a bad name, ratio, seed, path or key fails at once with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from methods import CompressContext, Method, create_method
+from runners import accounting, measure
+from runners.checkpoint import save_compressed
+from runners.errors import ConfigError
+from runners.loggers import create_logger
+from runners.record import RunRecord, file_lock, make_run_id, read_json, run_status, stable_hash, write_json_atomic
+from runners.schema import RunConfig, register_configs, validate
+from tasks import Task, create_task
+from tasks.adapters import create_adapter
+
+log = logging.getLogger("compbench")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register_configs()
+
+
+class NonFiniteMetric(RuntimeError):
+    """A loss or metric came out NaN/inf: the run fails with reason ``nan`` instead of leaving a bad row."""
+
+
+@dataclass
+class Plan:
+    """A validated run: everything known before a model is built."""
+
+    run: RunConfig
+    task: Task
+    method: Method
+    run_id: str
+    run_dir: Path
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Validate ``cfg`` and derive the run id; builds no model and writes nothing."""
+    run = validate(cfg)
+    device = resolve_device(run.device)
+    task = create_task(run.task, Path(run.cache_dir), device)
+    method = create_method(run.method)
+    task.check()
+    semantic = {"task": task.semantic_config(), "method": method.semantic_config(), "seed": run.seed}
+    run_id = make_run_id(run.task.name, method.name, semantic)
+    return Plan(run, task, method, run_id, Path(run.out_dir) / "runs" / run_id, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _check_finite(metrics: dict[str, Any], where: str) -> None:
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteMetric(f"non-finite {where}: {', '.join(bad)}")
+
+
+def dense_quality(p: Plan, model: torch.nn.Module) -> dict[str, Any]:
+    """The dense model's quality metrics, computed once per (task, seed) for the whole out_dir and cached."""
+    key = stable_hash({"task": p.task.semantic_config(), "seed": p.run.seed})
+    path = Path(p.run.out_dir) / "dense" / f"{p.run.task.name}-{key}.json"
+    with file_lock(path.with_suffix(".lock")):
+        cached = read_json(path)
+        if cached is not None:
+            log.info("dense metrics from cache %s", path)
+            return cached
+        seed_everything(p.run.seed)
+        metrics = p.task.evaluate(model)
+        _check_finite(metrics, "dense metrics")
+        write_json_atomic(path, metrics)
+        return metrics
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, NonFiniteMetric):
+        return "nan"
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "oom"
+    return "error"
+
+
+def execute(cfg: DictConfig, overrides: list[str]) -> str:
+    """Run one point; return ``done``, ``failed``, ``skipped`` (already done) or ``busy`` (running elsewhere)."""
+    p = plan(cfg)
+    if run_status(p.run_dir) == "done":
+        log.info("skip %s: already done", p.run_id)
+        return "skipped"
+    with file_lock(p.run_dir / ".lock", blocking=False) as acquired:
+        if not acquired:
+            log.info("skip %s: another process is running it", p.run_id)
+            return "busy"
+        if run_status(p.run_dir) == "done":
+            return "skipped"
+        return _execute_locked(p, cfg, overrides)
+
+
+def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
+    run, task, method = p.run, p.task, p.method
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord.start(p.run_dir, p.run_id, config, overrides, run.seed, p.device, run.experiment_name)
+    handler = logging.FileHandler(p.run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logger = None
+    failed = False
+    log.info("run %s -> %s", p.run_id, p.run_dir)
+    try:
+        logger = create_logger(run.logger, p.run_id, p.run_dir, run.experiment_name, config)
+        seed_everything(run.seed)
+        with record.stage("load"):
+            model = task.build_model(run.seed)
+            adapter = create_adapter(model)
+            method.check(adapter)
+            scope_name = adapter.resolve_scope(method.cfg.scope)
+            scope_paths = list(adapter.scope(scope_name))
+            dense_counts = accounting.dense_counts(model, {s: model.get_submodule(s) for s in scope_paths})
+        main_metric, higher_is_better = task.main_metric()
+        record.data["summary"] = {
+            **task.summary(), "task": run.task.name, "family": run.task.family, "method": method.name,
+            "ratio": float(run.method.ratio) if method.uses_ratio else 0.0, "seed": run.seed, "scope": scope_name,
+            "main_metric": main_metric, "higher_is_better": higher_is_better}
+        with record.stage("dense_eval"):
+            dense = dense_quality(p, model)
+        ctx = CompressContext(task=task, device=p.device, seed=run.seed, progress=run.progress)
+        seed_everything(run.seed)
+        t0 = time.perf_counter()
+        with record.stage("compress"):
+            if method.train_time:
+                model = task.fresh_model(run.seed)
+                adapter = create_adapter(model)
+                method_metrics = method.apply(model, adapter, ctx)
+                method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
+                                                 log=logger.log))
+            else:
+                method_metrics = method.apply(model, adapter, ctx)
+            model.eval()
+        compress_s = time.perf_counter() - t0
+        with record.stage("eval"):
+            seed_everything(run.seed)
+            quality = task.evaluate(model)
+            _check_finite(quality, "metrics")
+        metrics: dict[str, Any] = {**quality, **{f"dense/{k}": v for k, v in dense.items()
+                                                 if not k.startswith("protocol/")}}
+        metrics.update(method_metrics)
+        metrics["compress_s"] = compress_s
+        with record.stage("measure"):
+            metrics.update(_measure(p, model, adapter, scope_paths, dense_counts))
+        with record.stage("save"):
+            path = p.run_dir / "model.safetensors"
+            metrics["bytes_on_disk"] = save_compressed(model, path, {"run_id": p.run_id, "method": method.name})
+            if not run.save_model:
+                path.unlink()
+        _check_finite(metrics, "metrics")
+        record.finish(metrics)
+        logger.summary(metrics)
+        log.info("done %s: %s=%s removed=%.3f", p.run_id, main_metric, metrics.get(main_metric),
+                 metrics["scope/removed_fraction"])
+        return "done"
+    except Exception as exc:  # recorded, and the sweep goes on
+        failed = True
+        reason = failure_reason(exc)
+        extra = {}
+        if reason == "oom" and p.device.type == "cuda":
+            extra["oom_peak_bytes"] = torch.cuda.max_memory_allocated(p.device)
+        record.fail(reason, f"{type(exc).__name__}: {exc}", traceback.format_exc(), extra)
+        log.error("run %s failed (%s): %s", p.run_id, reason, exc)
+        return "failed"
+    finally:
+        if logger is not None:
+            logger.finish(failed=failed)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = accounting.compressed_counts(
+        model, {s: model.get_submodule(s) for s in scope_paths}, dense_counts)
+    out["weight_bytes"] = measure.weight_bytes(model)
+    inputs = p.task.example_inputs()
+    items = p.task.items_per_forward()
+    mcfg = p.run.measure
+    out.update({f"protocol/measure_{k}": v for k, v in asdict(p.run.task.measure).items()})
+    out["protocol/measure_device"] = str(p.device)
+    if mcfg.flops:
+        out.update(measure.flops(model, inputs))
+    if mcfg.memory:
+        out.update(measure.peak_memory(model, inputs, p.device))
+    if mcfg.latency:
+        out.update(measure.latency(model, inputs, items, mcfg.warmup, mcfg.min_run_time_s))
+    return out
+
+
+# -- entry point ---------------------------------------------------------------------------------------------------
+@hydra.main(config_path="../conf", config_name="run", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> str:
+    try:
+        status = execute(cfg, list(HydraConfig.get().overrides.task))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if status == "failed" and HydraConfig.get().mode == RunMode.RUN:
+        sys.exit(1)
+    return status
+
+
+def main() -> None:
+    from runners.preflight import preflight
+
+    try:
+        preflight(sys.argv[1:], CONF_DIR)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Structured configs: the run schema plus every registered task family's and method's dataclass.
+
+Named yamls in conf/task/ and conf/method/ start with ``defaults: [/schema/task/<family>@_here_, _self_]``
+(resp. ``/schema/method/<name>@_here_``) so Hydra checks their keys and types on composition; value ranges
+are checked by the dataclasses' ``__post_init__`` when ``validate`` turns the config into objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+import methods
+import tasks
+from runners.errors import ConfigError
+
+
+@dataclass
+class MeasureConfig:
+    """Efficiency measurements after compression (shapes come from ``task.measure``)."""
+
+    latency: bool = True
+    flops: bool = True
+    memory: bool = True
+    min_run_time_s: float = 0.5  # torch.utils.benchmark blocked_autorange budget per model
+    warmup: int = 3
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "compbench"
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else offline
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    task: Any = MISSING
+    method: Any = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    seed: int = 0
+    out_dir: str = "results/adhoc"
+    cache_dir: str = ".cache/compbench"
+    experiment_name: str = "adhoc"
+    device: str = "auto"  # auto | cpu | cuda | cuda:<i>
+    save_model: bool = False  # keep model.safetensors in the run folder (its size is measured either way)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device={self.device!r}; valid: auto, cpu, cuda, cuda:<index>")
+        if self.logger.name not in ("wandb", "none"):
+            raise ConfigError(f"logger={self.logger.name!r}; valid: wandb, none")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for family in tasks.TASKS.names():
+        cs.store(group="schema/task", name=family, node=tasks.TASKS.get(family).config_class)
+    for name in methods.METHODS.names():
+        cs.store(group="schema/method", name=name, node=methods.METHODS.get(name).config_class)
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Resolve ``cfg`` into dataclasses (task and method as their own config classes); raise ``ConfigError``."""
+    if cfg.method.name not in methods.METHODS:
+        methods.METHODS.get(cfg.method.name)  # raises with the valid names
+    if cfg.task.family not in tasks.TASKS:
+        tasks.TASKS.get(cfg.task.family)
+    try:
+        run = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # omegaconf validation errors: missing values, wrong types
+        raise ConfigError(str(e).splitlines()[0]) from e
+    for part, registry, key in ((run.task, tasks.TASKS, cfg.task.family), (run.method, methods.METHODS, cfg.method.name)):
+        expected = registry.get(key).config_class
+        if not isinstance(part, expected):
+            raise ConfigError(f"{type(part).__name__} config for {key!r}: its yaml must start with the "
+                              f"/schema/.../{key}@_here_ default ({expected.__name__})")
+    return run

@@ -1,0 +1,173 @@
+"""Per-architecture adapters: where a model keeps its blocks, linears and prunable weights.
+
+Methods ask an adapter for a *scope* (an ordered ``{qualified_name: module}``) or for the roles of
+each block's linears, and replace modules through it; they never hard-code attribute paths.
+
+Scopes every adapter answers:
+  ``linear``    every ``nn.Linear`` inside the repeated blocks (decoder / encoder linears)
+  ``attention`` the attention linears of the blocks
+  ``mlp``       the MLP linears of the blocks
+  ``prunable``  every conv and linear weight of the model, stem and classifier included (Synaptic-Flow scope)
+  ``auto``      the architecture's default: ``linear`` for transformers, ``prunable`` otherwise
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from runners.errors import ConfigError
+
+ADAPTERS: list[type["ModelAdapter"]] = []
+
+
+def _is_weight_layer(m: nn.Module) -> bool:
+    from methods.modules import CompressedModule
+
+    return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, CompressedModule))
+
+
+class ModelAdapter:
+    """Generic adapter. Subclasses name the block list and the role of each linear in a block."""
+
+    # role -> attribute path inside one block; roles sharing an input are listed in ``input_groups``
+    roles: ClassVar[dict[str, str]] = {}
+    attention_roles: ClassVar[tuple[str, ...]] = ()
+    mlp_roles: ClassVar[tuple[str, ...]] = ()
+    input_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    default_scope: ClassVar[str] = "prunable"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        ADAPTERS.append(cls)
+
+    # -- structure ---------------------------------------------------------------------------------------------
+    def block_paths(self) -> list[str]:
+        """Qualified names of the repeated blocks, in forward order."""
+        return []
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.model.get_submodule(p) for p in self.block_paths()]
+
+    def role_paths(self, role: str) -> list[str]:
+        """Qualified names of the ``role`` linear in every block, in block order."""
+        return [f"{b}.{self.roles[role]}" for b in self.block_paths()]
+
+    def scope_names(self) -> list[str]:
+        return ["auto", "linear", "attention", "mlp", "prunable"]
+
+    def resolve_scope(self, name: str) -> str:
+        return self.default_scope if name == "auto" else name
+
+    def scope(self, name: str) -> dict[str, nn.Module]:
+        name = self.resolve_scope(name)
+        if name == "prunable":
+            return {n: m for n, m in self.model.named_modules() if _is_weight_layer(m)}
+        if name not in ("linear", "attention", "mlp"):
+            raise ConfigError(f"unknown scope {name!r}; valid: {', '.join(self.scope_names())}")
+        if self.roles:
+            wanted = {"linear": tuple(self.roles), "attention": self.attention_roles, "mlp": self.mlp_roles}[name]
+            paths = [f"{b}.{self.roles[r]}" for b in self.block_paths() for r in self.roles if r in wanted]
+            return {p: self.model.get_submodule(p) for p in paths}
+        blocks = self.block_paths() or [""]
+        out = {}
+        for b in blocks:
+            root = self.model.get_submodule(b) if b else self.model
+            for n, m in root.named_modules():
+                if isinstance(m, nn.Linear) or (_is_weight_layer(m) and not isinstance(m, (nn.Conv1d, nn.Conv2d))):
+                    if name == "linear" or name in n.split("."):
+                        out[f"{b}.{n}" if b else n] = m
+        return out
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, attr, new)
+
+
+class LlamaAdapter(ModelAdapter):
+    """transformers decoder-only models with LLaMA naming (LLaMA 1-3, Mistral, Qwen2, Gemma 1-2)."""
+
+    default_scope = "linear"
+    roles = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    attention_roles = ("q", "k", "v", "o")
+    mlp_roles = ("gate", "up", "down")
+    input_groups = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        return (layers is not None and len(layers) > 0 and hasattr(layers[0], "self_attn")
+                and hasattr(layers[0].self_attn, "q_proj") and hasattr(layers[0], "mlp"))
+
+    def block_paths(self) -> list[str]:
+        return [f"model.layers.{i}" for i in range(len(self.model.model.layers))]
+
+
+class TimmViTAdapter(ModelAdapter):
+    """timm VisionTransformer / DeiT: ``blocks[i].attn.{qkv,proj}``, ``blocks[i].mlp.{fc1,fc2}``."""
+
+    default_scope = "linear"
+    roles = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+    attention_roles = ("qkv", "proj")
+    mlp_roles = ("fc1", "fc2")
+    input_groups = (("qkv",), ("proj",), ("fc1",), ("fc2",))
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        blocks = getattr(model, "blocks", None)
+        return isinstance(blocks, nn.Sequential) and len(blocks) > 0 and hasattr(blocks[0], "attn") \
+            and hasattr(blocks[0].attn, "qkv") and hasattr(blocks[0], "mlp")
+
+    def block_paths(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.model.blocks))]
+
+
+class TimmSwinAdapter(ModelAdapter):
+    """timm SwinTransformer: ``layers[s].blocks[j]`` with the ViT block naming; stages stay distinct."""
+
+    default_scope = "linear"
+    roles = TimmViTAdapter.roles
+    attention_roles = TimmViTAdapter.attention_roles
+    mlp_roles = TimmViTAdapter.mlp_roles
+    input_groups = TimmViTAdapter.input_groups
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        layers = getattr(model, "layers", None)
+        return isinstance(layers, nn.Sequential) and len(layers) > 0 and hasattr(layers[0], "blocks") \
+            and hasattr(layers[0].blocks[0], "attn") and hasattr(layers[0].blocks[0].attn, "qkv")
+
+    def block_paths(self) -> list[str]:
+        return [f"layers.{s}.blocks.{j}" for s, stage in enumerate(self.model.layers) for j in range(len(stage.blocks))]
+
+    def stage_of(self, block_path: str) -> int:
+        return int(block_path.split(".")[1])
+
+
+class CnnAdapter(ModelAdapter):
+    """Convolutional networks: blocks are the residual blocks / conv stages the model lists in ``block_names``."""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return hasattr(model, "block_names") and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    def block_paths(self) -> list[str]:
+        return list(self.model.block_names())
+
+
+def create_adapter(model: nn.Module) -> ModelAdapter:
+    """The most specific adapter whose ``matches`` accepts ``model`` (the generic one otherwise)."""
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    return ModelAdapter(model)

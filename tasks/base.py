@@ -1,0 +1,96 @@
+"""The task plugin API: a task family builds a model, evaluates it and supplies calibration and example inputs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable
+
+import torch
+from omegaconf import MISSING
+from torch import nn
+
+from runners.errors import ConfigError
+from runners.registry import Registry
+
+TASKS: Registry["Task"] = Registry("task family")
+
+
+@dataclass
+class MeasureInputs:
+    """Batch shape used for latency, throughput, FLOPs and peak memory (recorded with every number)."""
+
+    batch_size: int = 1
+    seqlen: int = 128  # language tasks only
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task has. ``name`` is the config name, ``family`` picks the implementation in tasks/."""
+
+    name: str = MISSING
+    family: str = MISSING
+    measure: MeasureInputs = field(default_factory=MeasureInputs)
+
+    def __post_init__(self) -> None:
+        if self.measure.batch_size < 1:
+            raise ConfigError(f"task.measure.batch_size={self.measure.batch_size} must be >= 1")
+
+
+class Task:
+    """Base class of a task family. Subclasses register with ``@TASKS.register(family)``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+
+    def __init__(self, cfg: TaskConfig, cache_dir: Path, device: torch.device):
+        self.cfg = cfg
+        self.cache_dir = Path(cache_dir)
+        self.device = device
+
+    def semantic_config(self) -> dict[str, Any]:
+        """The fields that change results (hashed into the run id)."""
+        return dataclasses.asdict(self.cfg)
+
+    def main_metric(self) -> tuple[str, bool]:
+        """(metrics.json key of the headline quality metric, higher is better), e.g. ("ppl/wikitext2", False)."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, str]:
+        """``model`` (the task config name, e.g. llama_7b) and ``dataset`` (headline eval dataset) for reports."""
+        return {"model": self.cfg.name, "dataset": ""}
+
+    def check(self) -> None:
+        """Validate local paths and names before any model is built; raise ``ConfigError``."""
+
+    def build_model(self, seed: int) -> nn.Module:
+        """The dense model, trained or loaded, on ``self.device``, in eval mode."""
+        raise NotImplementedError
+
+    def fresh_model(self, seed: int) -> nn.Module:
+        """An untrained model of the task's architecture (train-time methods compress it, then ``train`` it)."""
+        raise ConfigError(f"task family {self.name} builds no untrained model, so train-time methods do not apply")
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Quality metrics plus ``protocol/...`` fields that qualify them."""
+        raise NotImplementedError
+
+    def calibration_batches(self, seed: int) -> Iterable[Any]:
+        """Batches for post-training methods (inputs the model's forward accepts)."""
+        raise NotImplementedError
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        """Positional inputs for one forward at ``cfg.measure`` shape, for latency / FLOPs / memory."""
+        raise NotImplementedError
+
+    def items_per_forward(self) -> int:
+        """Items one example forward processes (tokens for LMs, images for vision), for throughput."""
+        return self.cfg.measure.batch_size
+
+    def train(self, model: nn.Module, seed: int, after_step=None, log=None) -> dict[str, Any]:
+        """Train ``model`` with the family's loop (train-time methods); ``after_step(model)`` runs after each step."""
+        raise ConfigError(f"task family {self.name} has no training loop, so train-time methods do not apply")
+
+
+def create_task(cfg: TaskConfig, cache_dir: Path, device: torch.device) -> Task:
+    return TASKS.get(cfg.family)(cfg, cache_dir, device)
