@@ -32,10 +32,11 @@ class NullLogger:
 
 
 class WandbLogger(NullLogger):
-    def __init__(self, cfg: LoggerConfig, run_id: str, run_dir: Path, group: str, config: dict[str, Any]):
+    def __init__(self, cfg: LoggerConfig, run_id: str, run_dir: Path, group: str, config: dict[str, Any],
+                 out_dir: Path | None = None, job_type: str = "run"):
+        """W&B files go into ``run_dir``; caches and artifact staging into ``out_dir/.wandb`` (not the home dir)."""
         run_dir = Path(run_dir).resolve()
-        # wandb's caches and artifact staging go next to the runs (out_dir/.wandb), not into the home directory
-        state = run_dir.parent.parent / ".wandb"
+        state = Path(out_dir).resolve() / ".wandb" if out_dir else run_dir / ".wandb"
         for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
             if var not in _USER_ENV:
                 os.environ[var] = str(state / sub)
@@ -45,8 +46,8 @@ class WandbLogger(NullLogger):
         mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
         self._wandb = wandb
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, id=run_id, name=run_id, resume="allow",
-                              group=group, tags=list(cfg.tags), dir=str(run_dir), mode=mode, config=config,
-                              settings=wandb.Settings(console="off", x_disable_stats=True))
+                              group=group, job_type=job_type, tags=list(cfg.tags), dir=str(run_dir), mode=mode,
+                              config=config, settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -62,7 +63,8 @@ class WandbLogger(NullLogger):
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def create_logger(cfg: LoggerConfig, run_id: str, run_dir: Path, group: str, config: dict[str, Any]) -> NullLogger:
+def create_logger(cfg: LoggerConfig, run_id: str, run_dir: Path, group: str, config: dict[str, Any],
+                  out_dir: Path | None = None, job_type: str = "run") -> NullLogger:
     if cfg.name == "wandb":
-        return WandbLogger(cfg, run_id, run_dir, group, config)
+        return WandbLogger(cfg, run_id, run_dir, group, config, out_dir, job_type)
     return NullLogger()

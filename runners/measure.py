@@ -8,12 +8,12 @@ before the forward so earlier stages do not count).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -28,6 +28,10 @@ def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> Callable[[], Any]:
 def latency(model: nn.Module, inputs: tuple[Any, ...], items: int, warmup: int = 3,
             min_run_time_s: float = 0.5) -> dict[str, float]:
     """``latency_ms`` (median), ``latency_iqr_ms`` and ``throughput`` (items/s) of one forward on ``inputs``."""
+    # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on machines without a GPU
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import benchmark
+
     fn = _forward(model, inputs)
     for _ in range(warmup):
         fn()

@@ -21,6 +21,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -69,7 +70,7 @@ def plan(cfg: DictConfig) -> Plan:
     """Validate ``cfg`` and derive the run id; builds no model and writes nothing."""
     run = validate(cfg)
     device = resolve_device(run.device)
-    task = create_task(run.task, Path(run.cache_dir), device)
+    task = create_task(run.task, Path(run.cache_dir), device, run.progress)
     method = create_method(run.method)
     task.check()
     semantic = {"task": task.semantic_config(), "method": method.semantic_config(), "seed": run.seed}
@@ -139,7 +140,7 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
     failed = False
     log.info("run %s -> %s", p.run_id, p.run_dir)
     try:
-        logger = create_logger(run.logger, p.run_id, p.run_dir, run.experiment_name, config)
+        logger = create_logger(run.logger, p.run_id, p.run_dir, run.experiment_name, config, Path(run.out_dir))
         seed_everything(run.seed)
         with record.stage("load"):
             model = task.build_model(run.seed)
@@ -187,6 +188,7 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
         _check_finite(metrics, "metrics")
         record.finish(metrics)
         logger.summary(metrics)
+        logger.table("metrics", pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]}))
         log.info("done %s: %s=%s removed=%.3f", p.run_id, main_metric, metrics.get(main_metric),
                  metrics["scope/removed_fraction"])
         return "done"

@@ -43,10 +43,11 @@ class Task:
     name: ClassVar[str]
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
 
-    def __init__(self, cfg: TaskConfig, cache_dir: Path, device: torch.device):
+    def __init__(self, cfg: TaskConfig, cache_dir: Path, device: torch.device, progress: bool = True):
         self.cfg = cfg
         self.cache_dir = Path(cache_dir)
         self.device = device
+        self.progress = progress  # progress bars on long stages (training, evaluation)
 
     def semantic_config(self) -> dict[str, Any]:
         """The fields that change results (hashed into the run id)."""
@@ -92,5 +93,5 @@ class Task:
         raise ConfigError(f"task family {self.name} has no training loop, so train-time methods do not apply")
 
 
-def create_task(cfg: TaskConfig, cache_dir: Path, device: torch.device) -> Task:
-    return TASKS.get(cfg.family)(cfg, cache_dir, device)
+def create_task(cfg: TaskConfig, cache_dir: Path, device: torch.device, progress: bool = True) -> Task:
+    return TASKS.get(cfg.family)(cfg, cache_dir, device, progress)

@@ -24,7 +24,7 @@ def compose_cfg():
     def _compose(*overrides):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            return compose("run", overrides=list(overrides))
+            return compose("run", overrides=[f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]", *overrides])
 
     yield _compose
     GlobalHydra.instance().clear()
@@ -33,14 +33,37 @@ def compose_cfg():
 @pytest.fixture
 def toy_cfg(compose_cfg, tmp_path):
     """toy_cfg(method=..., **task_fields) -> a run config on the toy task writing into tmp_path."""
-    from omegaconf import OmegaConf
-
     def _make(*overrides, **task_fields):
-        cfg = compose_cfg("logger=none", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
-                          "progress=false", "measure.min_run_time_s=0.01", "measure.warmup=1", *overrides)
-        OmegaConf.set_struct(cfg, False)
-        cfg.task = OmegaConf.structured(tests.toy.ToyConfig(**task_fields))
-        OmegaConf.set_struct(cfg, True)
-        return cfg
+        fields = [f"task.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in task_fields.items()]
+        return compose_cfg("task=toy", "logger=none", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
+                           "progress=false", "measure.min_run_time_s=0.01", "measure.warmup=1", *fields, *overrides)
+
+    return _make
+
+
+# Smaller versions of the embedded demo tasks for tests (the shipped configs are sized for the demo's quality).
+TINY = {
+    "toy": [],
+    "demo_lm": ["task.embedded.steps=30", "task.embedded.num_layers=2", "task.embedded.hidden_size=64",
+                "task.embedded.intermediate_size=128", "task.calib.n_samples=4", "task.eval.max_windows=8"],
+    "demo_resnet": ["task.train.epochs=1"],
+    "demo_vit": ["task.train.epochs=1"],
+}
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache of trained embedded models for the whole test session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def task_cfg(compose_cfg, tmp_path, shared_cache):
+    """task_cfg(task, *overrides) -> a run config on a tiny version of ``task`` writing into tmp_path."""
+
+    def _make(task, *overrides):
+        return compose_cfg(f"task={task}", *TINY[task], "logger=none", f"out_dir={tmp_path / 'out'}",
+                           f"cache_dir={shared_cache}", "progress=false", "measure.min_run_time_s=0.01",
+                           "measure.warmup=1", *overrides)
 
     return _make

@@ -1,0 +1,335 @@
+"""Reports on synthetic run folders: collection, tables (golden markdown), LaTeX, Pareto plot, reported numbers,
+the CLI and the Hydra callback. Set UPDATE_GOLDEN=1 to rewrite the golden file (then inspect the diff)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from runners import report
+from runners.report import (REPORTED_COLUMNS, ReportCallback, ReportedSchemaError, build_tables, collect_runs,
+                            load_reported, write_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "report_table.md"
+
+TASKS = {
+    "demo_lm": dict(family="lm", dataset="demo", main="ppl/demo", higher=False),
+    "demo_img": dict(family="image", dataset="demo-imgs", main="acc/top1", higher=True),
+}
+DENSE = {"demo_lm": [10.0, 10.2], "demo_img": [0.80, 0.82]}
+
+
+def _write_run(root: Path, task: str, method: str, ratio: float, seed: int, value: float | None = None,
+               status: str = "done", reason: str | None = None) -> None:
+    spec = TASKS[task]
+    run_id = f"{task}-{method}-{ratio:g}-s{seed}"
+    run_dir = root / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    summary = {"task": task, "model": task, "dataset": spec["dataset"], "family": spec["family"],
+               "method": method, "ratio": ratio, "seed": seed, "main_metric": spec["main"],
+               "higher_is_better": spec["higher"]}
+    rec = {"run_id": run_id, "status": status, "experiment": "synthetic", "failure_reason": reason,
+           "error": None if status != "failed" else f"RuntimeError: {reason}",
+           "config": {"task": {"name": task, "family": spec["family"]},
+                      "method": {"name": method, "ratio": ratio, "scope": "all"}, "seed": seed},
+           "summary": summary, "stages": {"load": 0.1}}
+    (run_dir / "run.json").write_text(json.dumps(rec))
+    if status == "done":
+        removed = round(0.9 * ratio, 4)
+        metrics = {spec["main"]: value, f"dense/{spec['main']}": DENSE[task][seed % 2],
+                   "protocol/seqlen": 128, "removed_fraction": removed, "scope/removed_fraction": ratio,
+                   "params_dense": 1000, "params_stored": int(1000 * (1 - removed)), "latency_ms": 2.0 - ratio,
+                   "bytes_on_disk": 4000, "method/note": "nan" if method == "svd" else 1.5}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def make_runs(root: Path) -> Path:
+    """2 tasks, dense + 2 methods x 2 ratios x 2 seeds, with failed, running, missing and corrupt cases."""
+    w = _write_run
+    for seed, v in enumerate(DENSE["demo_lm"]):
+        w(root, "demo_lm", "dense", 0.0, seed, v)
+    for seed, v in enumerate([12.0, 12.4]):
+        w(root, "demo_lm", "magnitude", 0.2, seed, v)
+    for seed, v in enumerate([20.0, 21.0]):
+        w(root, "demo_lm", "magnitude", 0.5, seed, v)
+    for seed, v in enumerate([11.0, 11.2]):  # best at 0.2 (lower is better)
+        w(root, "demo_lm", "svd", 0.2, seed, v)
+    w(root, "demo_lm", "svd", 0.2, 2, status="failed", reason="oom")  # a failed extra seed of a valued cell
+    w(root, "demo_lm", "svd", 0.5, 0, status="failed", reason="nan")  # the whole cell failed
+    for seed, v in enumerate(DENSE["demo_img"]):
+        w(root, "demo_img", "dense", 0.0, seed, v)
+    for seed, v in enumerate([0.78, 0.79]):
+        w(root, "demo_img", "magnitude", 0.2, seed, v)
+    for seed, v in enumerate([0.70, 0.72]):
+        w(root, "demo_img", "magnitude", 0.5, seed, v)
+    for seed, v in enumerate([0.74, 0.75]):  # best at 0.5 (higher is better)
+        w(root, "demo_img", "svd", 0.5, seed, v)
+    w(root, "demo_img", "svd", 0.2, 0, status="running")
+    w(root, "demo_img", "magnitude", 0.8, 0, 0.5)  # single seed; svd at 0.8 is missing
+    bad = root / "runs" / "broken-run"
+    bad.mkdir()
+    (bad / "run.json").write_text('{"run_id": "broken-run", "status": "do')
+    return root
+
+
+def make_reported(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [
+        # matches demo_lm / svd / 0.2 / ppl/demo
+        dict(paper="Paper A", table="Table 1", model="demo_lm", dataset="demo", method="svd", ratio="0.2",
+             metric="ppl/demo", value="11.0", kind="reported", protocol="seqlen 128", source="arXiv 0000.00000 T1"),
+        # ratio not in our table: never shown
+        dict(paper="Paper A", table="Table 1", model="demo_lm", dataset="demo", method="svd", ratio="0.3",
+             metric="ppl/demo", value="99.0", kind="reported", protocol="", source="arXiv 0000.00000 T1"),
+        # dense reference (ratio 0): shown in every dense cell
+        dict(paper="Paper A", table="Table 1", model="demo_lm", dataset="", method="dense", ratio="0",
+             metric="ppl/demo", value="10.0", kind="reported", protocol="", source="arXiv 0000.00000 T1"),
+        # a claim on a cell of demo_img
+        dict(paper="Paper B", table="abstract", model="demo_img", dataset="", method="magnitude", ratio="0.5",
+             metric="acc/top1", value="0.7", kind="claim", protocol="", source="arXiv 1111.11111 abstract"),
+        # dataset differs from ours: not shown
+        dict(paper="Paper B", table="Table 2", model="demo_img", dataset="other-set", method="svd", ratio="0.5",
+             metric="acc/top1", value="0.9", kind="reported", protocol="", source="arXiv 1111.11111 T2"),
+        # a claim over a range of ratios: listed under the table only
+        dict(paper="Paper B", table="abstract", model="demo_img", dataset="", method="svd", ratio="",
+             metric="relchange/latency_ms", value="-0.3", kind="claim", protocol="ratio 0.2-0.5",
+             source="arXiv 1111.11111 abstract"),
+    ]
+    with open(folder / "synthetic.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=REPORTED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """(runs root, report dir, reported dir), written once; tests that write reports use their own copy."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    root = make_runs(tmp_path / "sweep")
+    reported = make_reported(tmp_path / "reported")
+    with pytest.warns(UserWarning, match="broken-run"):
+        out = write_report(root, reported_dir=reported)
+    return root, out, reported
+
+
+def _row(md: str, task: str, method: str) -> list[str]:
+    section = md.split(f"## {task}\n", 1)[1].split("\n## ", 1)[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith(f"| {method} "))
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _header(md: str, task: str) -> list[str]:
+    section = md.split(f"## {task}\n", 1)[1]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| method"))
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _cell(md: str, task: str, method: str, column: str) -> str:
+    return _row(md, task, method)[_header(md, task).index(column)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+def test_collect_runs(tmp_path):
+    root = make_runs(tmp_path / "sweep")
+    with pytest.warns(UserWarning, match="broken-run"):
+        df = collect_runs(root)
+    assert len(df) == 21
+    assert list(df.columns[:len(report.RUN_COLUMNS)]) == report.RUN_COLUMNS
+    assert {"ppl/demo", "acc/top1", "removed_fraction", "protocol/seqlen", "dense/ppl/demo"} <= set(df.columns)
+    assert df["status"].value_counts().to_dict() == {"done": 17, "failed": 2, "running": 1, "corrupt": 1}
+    assert df.loc[df["run_id"] == "broken-run", "error"].item().startswith("run.json unreadable")
+    svd = df[(df["task"] == "demo_lm") & (df["method"] == "svd") & (df["status"] == "done")]
+    assert svd["method/note"].map(lambda v: v != v).all()  # "nan" strings become float NaN
+    running = df[df["status"] == "running"]
+    assert running["acc/top1"].isna().all()
+    # the runs folder itself is accepted too
+    with pytest.warns(UserWarning):
+        assert len(collect_runs(root / "runs")) == 21
+
+
+def test_results_csv(sweep):
+    _, out, _ = sweep
+    df = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert len(df) == 21
+    assert set(df["task"]) == {"demo_lm", "demo_img", ""}
+    assert sorted(df.loc[df["status"] == "failed", "failure_reason"]) == ["nan", "oom"]
+
+
+def test_table_md_golden(sweep):
+    _, out, _ = sweep
+    md = (out / "table.md").read_text()
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(md)
+    assert md == GOLDEN.read_text()
+
+
+def test_best_marking(sweep):
+    _, out, _ = sweep
+    md = (out / "table.md").read_text()
+    # lower is better (ppl): svd at 0.2, magnitude at 0.5 (svd failed there)
+    assert _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo").startswith("**11.10 ± 0.14**")
+    assert not _cell(md, "demo_lm", "magnitude", "r=0.2 ppl/demo").startswith("**")
+    assert _cell(md, "demo_lm", "magnitude", "r=0.5 ppl/demo").startswith("**20.50 ± 0.71**")
+    # higher is better (acc): svd at 0.5, magnitude at 0.2
+    assert _cell(md, "demo_img", "svd", "r=0.5 acc/top1").startswith("**0.7450 ± 0.0071**")
+    assert not _cell(md, "demo_img", "magnitude", "r=0.5 acc/top1").startswith("**")
+    assert _cell(md, "demo_img", "magnitude", "r=0.2 acc/top1").startswith("**0.7850")
+    # dense and accounting columns are never marked
+    assert "**" not in "".join(_row(md, "demo_lm", "dense") + _row(md, "demo_img", "dense"))
+    for task in TASKS:
+        for method in ("magnitude", "svd"):
+            for col in _header(md, task):
+                if col.endswith("removed_fraction"):
+                    assert "**" not in _cell(md, task, method, col)
+
+
+def test_status_cells(sweep):
+    _, out, _ = sweep
+    md = (out / "table.md").read_text()
+    assert _cell(md, "demo_lm", "svd", "r=0.5 ppl/demo") == "failed (nan)"
+    assert _cell(md, "demo_lm", "svd", "r=0.5 removed_fraction") == "failed (nan)"
+    assert "[1 failed (oom)]" in _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo")
+    assert _cell(md, "demo_img", "svd", "r=0.2 acc/top1") == "running"
+    assert _cell(md, "demo_img", "svd", "r=0.8 acc/top1") == "missing"
+    assert _cell(md, "demo_img", "magnitude", "r=0.8 acc/top1") == "**0.5000**"  # single seed: no ±, no n
+    # dense is broadcast to every ratio column
+    dense = [_cell(md, "demo_img", "dense", f"r={r} acc/top1") for r in ("0.2", "0.5", "0.8")]
+    assert dense == ["0.8100 ± 0.0141 (n=2)"] * 3
+    assert _row(md, "demo_lm", "dense")[0] == "dense" and _row(md, "demo_img", "magnitude")
+    assert "- broken-run: run.json unreadable" in md
+
+
+def test_reported_values(sweep):
+    _, out, _ = sweep
+    md = (out / "table.md").read_text()
+    assert _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo").endswith("(rep 11.00, Δ+0.10)")
+    assert "99.00" not in md  # reported at ratio 0.3, which is not in the table
+    assert "0.9000" not in md  # reported for another dataset
+    for r in ("0.2", "0.5"):
+        assert _cell(md, "demo_lm", "dense", f"r={r} ppl/demo").endswith("(rep 10.00, Δ+0.10)")
+    assert "rep" not in _cell(md, "demo_lm", "magnitude", "r=0.2 ppl/demo")
+    assert _cell(md, "demo_img", "magnitude", "r=0.5 acc/top1").endswith("(rep* 0.7000, Δ+0.0100)")
+    assert "- rep* svd, ratio n/a: relchange/latency_ms = -0.3000" in md
+
+
+def test_build_tables_frame(tmp_path):
+    root = make_runs(tmp_path / "sweep")
+    with pytest.warns(UserWarning):
+        runs = collect_runs(root)
+    tables = build_tables(runs, metrics=["main", "drop/acc/top1", "relchange/latency_ms"])
+    img = tables["demo_img"]
+    frame = img.frame("markdown")
+    assert list(frame.index) == ["dense", "magnitude", "svd"]
+    assert frame.columns.names == ["ratio", "metric"]
+    assert list(frame.columns[:3]) == [("0.2", "acc/top1"), ("0.2", "drop/acc/top1"), ("0.2", "relchange/latency_ms")]
+    # drop = dense/<key> recorded in the run - ours; lower is better
+    assert frame.loc["svd", ("0.5", "drop/acc/top1")] == "**0.0650 ± 0.0071** (n=2)"
+    assert img.cells[("svd", 0.5, "drop/acc/top1")].best
+    # relchange uses the mean of the task's dense runs when dense/<key> is absent
+    assert frame.loc["magnitude", ("0.5", "relchange/latency_ms")].startswith("-0.2500")
+
+
+def test_table_tex(sweep):
+    _, out, _ = sweep
+    tex = (out / "table.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 2
+    depth = 0
+    for ch in re.sub(r"\\[{}]", "", tex):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth >= 0
+    assert depth == 0
+    assert r"\textbf{11.10 $\pm$ 0.14}" in tex
+    assert r"(rep 11.00, $\Delta$+0.10)" in tex
+    assert r"\multicolumn" in tex and "ppl/demo" in tex
+    assert "**" not in tex and "±" not in tex and "Δ" not in tex
+    assert "ratio & \\multicolumn{2}{c}{0.2}" in tex and "\nmethod & ppl/demo & removed\\_fraction" in tex
+    for line in tex.splitlines():  # specials are escaped everywhere (comment lines start with %)
+        assert not re.search(r"(?<!\\)[_%#$]", line[1:] if line.startswith("%") else line.replace("$\\pm$", "")
+                             .replace("$\\Delta$", ""))
+    rows = [ln for ln in tex.splitlines() if ln.endswith("\\\\") and "multicolumn" not in ln]
+    assert rows and all(ln.count(" & ") in (6, 4) for ln in rows)  # 3 or 2 ratios x 2 metrics
+
+
+def test_pareto_png(sweep):
+    _, out, _ = sweep
+    data = (out / "pareto.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_load_reported_rejects_missing_columns(tmp_path):
+    (tmp_path / "bad.csv").write_text("paper,model,method,ratio,metric,value\nP,m,svd,0.2,ppl/x,1.0\n")
+    with pytest.raises(ReportedSchemaError, match=r"bad\.csv.*missing column.*table.*dataset.*kind"):
+        load_reported(tmp_path)
+
+
+def test_load_reported_rejects_bad_values(tmp_path):
+    folder = make_reported(tmp_path / "rep")
+    text = (folder / "synthetic.csv").read_text()
+    (folder / "synthetic.csv").write_text(text.replace(",reported,", ",table,", 1))
+    with pytest.raises(ReportedSchemaError, match=r"synthetic\.csv: line 2: kind 'table'"):
+        load_reported(folder)
+
+
+def test_shipped_reported_csvs_validate():
+    folder = ROOT / "results" / "reported"
+    files = sorted(folder.glob("*.csv"))
+    assert files, "results/reported holds no CSV"
+    df = load_reported(folder)
+    assert set(df["file"]) == {f.name for f in files}
+    assert set(df["kind"]) <= {"reported", "claim"}
+    assert (df["source"] != "").all() and (df["paper"] != "").all()
+    assert ((df["ratio"] >= 0) & (df["ratio"] < 1) | (df["ratio"].isna() & (df["kind"] == "claim"))).all()
+    assert (df.loc[df["method"] == "dense", "ratio"] == 0).all()
+
+
+def test_cli(sweep, tmp_path, capsys):
+    _, _, reported = sweep
+    root = make_runs(tmp_path / "sweep")
+    with pytest.warns(UserWarning):
+        code = report.main([str(root), "--reported", str(reported), "--metrics", "main"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Results") and "r=0.2 removed_fraction" not in printed
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1
+    assert "no runs under" in capsys.readouterr().err
+    (tmp_path / "badrep").mkdir()
+    (tmp_path / "badrep" / "x.csv").write_text("paper,value\n")
+    with pytest.warns(UserWarning):
+        assert report.main([str(root), "--reported", str(tmp_path / "badrep")]) == 2
+    assert "x.csv: missing column" in capsys.readouterr().err
+
+
+def test_cli_module_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runners.report", str(tmp_path / "missing")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_callback(tmp_path, capsys, caplog):
+    root = make_runs(tmp_path / "sweep")
+    out = root / "report"
+    cfg = OmegaConf.create({"experiment_name": "x", "out_dir": str(root)})
+    with pytest.warns(UserWarning):
+        ReportCallback().on_multirun_end(cfg)
+    assert capsys.readouterr().out.startswith("# Results")
+    assert (out / "table.md").exists()
+    ReportCallback().on_run_end(cfg)
+    # never raises: unresolvable out_dir, or a broken report
+    ReportCallback().on_multirun_end(OmegaConf.create({"out_dir": "${missing_key}"}))
+    assert "report failed" in caplog.text
