@@ -62,3 +62,9 @@ def test_demo_experiment_is_the_documented_grid():
     GlobalHydra.instance().clear()
     assert len(points) == 2 * 3 * 2
     assert len(run_ids) == 2 * (1 + 2 * 2)  # dense runs once per task whatever the ratio
+
+
+def test_experiment_values_override_the_base_config(compose_cfg):
+    cfg = compose_cfg("experiment=demo")
+    assert cfg.experiment_name == "demo" and cfg.out_dir == "results/demo"
+    assert compose_cfg("experiment=demo", "out_dir=elsewhere").out_dir == "elsewhere"
