@@ -165,7 +165,7 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
                 adapter = create_adapter(model)
                 method_metrics = method.apply(model, adapter, ctx)
                 method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
-                                                 log=logger.log))
+                                                 log=logger.log, ckpt_path=p.run_dir / "train_state.pt"))
             else:
                 method_metrics = method.apply(model, adapter, ctx)
             model.eval()

@@ -88,8 +88,11 @@ class Task:
         """Items one example forward processes (tokens for LMs, images for vision), for throughput."""
         return self.cfg.measure.batch_size
 
-    def train(self, model: nn.Module, seed: int, after_step=None, log=None) -> dict[str, Any]:
-        """Train ``model`` with the family's loop (train-time methods); ``after_step(model)`` runs after each step."""
+    def train(self, model: nn.Module, seed: int, after_step=None, log=None, ckpt_path: Path | None = None
+              ) -> dict[str, Any]:
+        """Train ``model`` with the family's loop (train-time methods): ``after_step(model)`` runs after every
+        optimizer step, ``log(dict)`` after every epoch; training state is checkpointed to ``ckpt_path`` every
+        epoch and resumed from it."""
         raise ConfigError(f"task family {self.name} has no training loop, so train-time methods do not apply")
 
 
