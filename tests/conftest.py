@@ -24,7 +24,9 @@ def compose_cfg():
     def _compose(*overrides):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            return compose("run", overrides=[f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]", *overrides])
+            search = [] if any(o.startswith("hydra.searchpath=") for o in overrides) else \
+                [f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]"]
+            return compose("run", overrides=[*search, *overrides])
 
     yield _compose
     GlobalHydra.instance().clear()
