@@ -218,3 +218,23 @@ def masked_from_dense(layer: nn.Module) -> _Masked:
     if isinstance(layer, nn.Conv2d):
         return MaskedConv2d.from_dense(layer)
     raise TypeError(f"cannot mask a {type(layer).__name__}; expected nn.Linear or nn.Conv2d")
+
+
+class SharedBasisLinear(LowRankLinear):
+    """A ``LowRankLinear`` whose ``v`` (rank, in) is a basis shared by every layer of its sharing class, the same
+    ``nn.Parameter`` object in each (so it is stored, counted, moved and saved once); ``u`` (out, rank) holds this
+    layer's own coefficients. y = (x V^T) U^T + b."""
+
+    @classmethod
+    def from_shared(cls, basis: nn.Parameter, coeff: torch.Tensor, bias: torch.Tensor | None) -> "SharedBasisLinear":
+        """A layer computing with ``basis`` itself (not a copy) and a copy of ``coeff`` (out, rank) and ``bias``."""
+        with torch.device("meta"):
+            m = cls(basis.shape[1], coeff.shape[0], basis.shape[0], bias is not None)
+        m.v = basis
+        m.u = nn.Parameter(coeff.detach().to(basis.device, basis.dtype, copy=True))
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(basis.device, basis.dtype, copy=True))
+        return m
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared basis"

@@ -12,8 +12,15 @@ mean next-token NLL). Every qualifier of the number is returned as a ``protocol/
 
 Named text sources live in ``CORPORA``. ``demo`` is the embedded model's corpus: whole pydoc topics, split at the
 document level (documents that share paragraphs stay on the same side) into ``train`` (~87 %: tokenizer,
-pretraining, calibration) and ``test`` (~13 %: perplexity only). Hub corpora (wikitext2, ptb, c4) are added the
-same way, through ``register_corpus``; until then ``eval.text_files`` evaluates any local text file.
+pretraining, calibration) and ``test`` (~13 %: perplexity only). The hub corpora of the LLM compression papers are
+read with ``datasets`` (downloaded once into its cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``),
+``ptb`` (ptb_text_only, field ``sentence``) and ``c4`` (SparseGPT's shard: the first 1100 documents of
+``en/c4-validation.00000-of-00008``, at most 256 windows; calibration from ``en/c4-train.00000-of-01024``).
+``eval.text_files`` evaluates any local text file, for clusters without hub access.
+
+Zero-shot accuracy (``zeroshot.tasks``) runs lm-eval's ``simple_evaluate`` on the in-memory model (``HFLM``), so
+a compressed model is scored as it is, and reports ``zeroshot/<task>/{acc,acc_stderr,acc_norm,acc_norm_stderr}``,
+their mean over tasks ``zeroshot/mean/acc`` (and ``acc_norm``), the lm-eval version and every task's version.
 """
 from __future__ import annotations
 
@@ -95,6 +102,30 @@ class CalibConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """lm-eval tasks scored on the in-memory model (0-shot multiple choice in the papers)."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. openbookqa, arc_easy, arc_challenge, winogrande, ...
+    batch_size: int = 32  # fixed, never "auto", so padding and results do not depend on the GPU
+    num_fewshot: int = 0
+    limit: int | None = None  # first examples of every task only (smoke tests); None: all
+    include_path: str | None = None  # a folder of extra lm-eval task YAMLs (local or offline tasks)
+    include_defaults: bool = True  # lm-eval's built-in tasks; false with include_path skips indexing them
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"task.zeroshot.batch_size={self.batch_size} must be >= 1")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"task.zeroshot.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"task.zeroshot.limit={self.limit} must be >= 1 (or null for all examples)")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"task.zeroshot.tasks={list(self.tasks)} lists a task twice")
+        if self.tasks and not self.include_defaults and not self.include_path:
+            raise ConfigError("task.zeroshot: include_defaults=false needs an include_path with the task YAMLs")
+
+
+@dataclass
 class EmbeddedConfig:
     """Recipe of the embedded demo model (LLaMA architecture, pretrained on the ``demo`` train split on CPU)."""
 
@@ -139,6 +170,7 @@ class HfLmConfig(TaskConfig):
     eval_batch_size: int = 1  # windows per forward during evaluation
     eval: EvalConfig = field(default_factory=EvalConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
     def __post_init__(self) -> None:
@@ -167,6 +199,7 @@ class Corpus:
     eval_split: str
     calib_split: str
     load: Callable[[str], list[str]]
+    max_windows: int | None = None  # the protocol evaluates at most this many windows (C4: 256); None: all
 
 
 CORPORA: dict[str, Corpus] = {}
@@ -254,6 +287,52 @@ def _python_version() -> str:
 register_corpus(Corpus(
     name="demo", description=f"pydoc_data.topics (Python {_python_version()}), whole topics sorted by key",
     eval_split="test", calib_split="train", load=_load_demo))
+
+
+def hub_texts(path: str, split: str, column: str, name: str | None = None, first: int | None = None,
+              **kwargs: Any) -> list[str]:
+    """Column ``column`` of split ``split`` of hub dataset ``path`` (config ``name``; other keyword arguments go
+    to ``datasets.load_dataset``), in the dataset's order, only the ``first`` rows when given."""
+    import datasets
+
+    ds = datasets.load_dataset(path, name, split=split, **kwargs)
+    if first is not None:
+        ds = ds.select(range(min(first, len(ds))))
+    return list(ds[column])
+
+
+def _datasets_version() -> str:
+    from importlib.metadata import version
+
+    return version("datasets")
+
+
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+PTB = ("ptb-text-only/ptb_text_only", "penn_treebank", "refs/convert/parquet")  # the hub's parquet export
+C4 = ("allenai/c4", {"validation": "en/c4-validation.00000-of-00008.json.gz",
+                     "train": "en/c4-train.00000-of-01024.json.gz"})
+C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
+
+
+def _load_c4(split: str) -> list[str]:
+    if split not in C4[1]:
+        raise ConfigError(f"corpus c4 has splits {', '.join(C4[1])}, not {split!r}")
+    first = C4_EVAL_DOCS if split == "validation" else None
+    return hub_texts(C4[0], split, "text", data_files={split: C4[1][split]}, first=first)
+
+
+register_corpus(Corpus(
+    name="wikitext2", description=f"{WIKITEXT[0]} {WIKITEXT[1]}, field text (datasets {_datasets_version()})",
+    eval_split="test", calib_split="train",
+    load=lambda split: hub_texts(WIKITEXT[0], split, "text", name=WIKITEXT[1])))
+register_corpus(Corpus(
+    name="ptb", description=f"{PTB[0]} {PTB[1]} ({PTB[2]}), field sentence (datasets {_datasets_version()})",
+    eval_split="test", calib_split="train",
+    load=lambda split: hub_texts(PTB[0], split, "sentence", data_dir=PTB[1], revision=PTB[2])))
+register_corpus(Corpus(
+    name="c4", description=f"{C4[0]} {C4[1]['validation']}, first {C4_EVAL_DOCS} documents, field text "
+                           f"(datasets {_datasets_version()})",
+    eval_split="validation", calib_split="train", load=_load_c4, max_windows=C4_EVAL_WINDOWS))
 
 
 def read_text_file(path: str | Path) -> str:
@@ -502,6 +581,8 @@ class HfLmTask(Task):
         for path in cfg.calib.text_files:
             if not Path(path).expanduser().is_file():
                 raise ConfigError(f"task.calib.text_files: {path}: no such file")
+        if cfg.zeroshot.include_path and not Path(cfg.zeroshot.include_path).expanduser().is_dir():
+            raise ConfigError(f"task.zeroshot.include_path={cfg.zeroshot.include_path}: no such directory")
 
     # -- the dense model -------------------------------------------------------------------------------------------
     def build_model(self, seed: int) -> nn.Module:
@@ -579,17 +660,67 @@ class HfLmTask(Task):
             for name in self.eval_sets:
                 ids, bos, info = self.eval_stream(name)
                 bos_flags.append(bos)
-                r = ppl_concat(model, ids, cfg.seqlen, cfg.eval_batch_size, self._input_device, cfg.eval.max_windows,
-                               progress=self.progress, desc=f"ppl/{name}")
+                r = ppl_concat(model, ids, cfg.seqlen, cfg.eval_batch_size, self._input_device,
+                               self._window_limit(name), progress=self.progress, desc=f"ppl/{name}")
                 out[f"ppl/{name}"] = r["ppl"]
                 out[f"loss/{name}"] = r["loss"]
                 out[f"protocol/ppl/{name}/dataset"] = info["dataset"]
                 out[f"protocol/ppl/{name}/split"] = info["split"]
                 out[f"protocol/n_windows/{name}"] = r["n_windows"]
                 out[f"protocol/n_tokens/{name}"] = r["n_tokens"]
+            if cfg.zeroshot.tasks:
+                out.update(self.zeroshot(model))
         finally:
             model.train(was_training)
         out["protocol/bos"] = all(bos_flags)
+        return out
+
+    def _window_limit(self, name: str) -> int | None:
+        """The most windows eval set ``name`` evaluates: its protocol's cap (C4: 256) and ``eval.max_windows``."""
+        caps = [self.cfg.eval.max_windows]
+        if name in CORPORA and name not in self.cfg.eval.text_files:
+            caps.append(CORPORA[name].max_windows)
+        caps = [c for c in caps if c is not None]
+        return min(caps) if caps else None
+
+    def zeroshot(self, model: nn.Module) -> dict[str, Any]:
+        """lm-eval's ``simple_evaluate`` of ``zeroshot.tasks`` on ``model`` as it is in memory (seeds 0):
+        ``zeroshot/<task>/<metric>`` for acc, acc_norm and their standard errors where the task reports them,
+        ``zeroshot/mean/<metric>`` over the tasks, and ``protocol/zeroshot/...`` (lm-eval version, task
+        versions, examples per task, shots, batch size, limit)."""
+        import copy
+        from importlib.metadata import version
+
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        z = self.cfg.zeroshot
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(self._require_tokenizer()), batch_size=z.batch_size,
+                  max_length=self.cfg.seqlen)
+        manager = TaskManager(include_path=z.include_path, include_defaults=z.include_defaults)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(z.tasks), task_manager=manager, num_fewshot=z.num_fewshot,
+                                      limit=z.limit, log_samples=False, random_seed=0, numpy_random_seed=0,
+                                      torch_random_seed=0, fewshot_random_seed=0)
+        out: dict[str, Any] = {"protocol/zeroshot/lm_eval": version("lm_eval"),
+                               "protocol/zeroshot/num_fewshot": z.num_fewshot,
+                               "protocol/zeroshot/batch_size": z.batch_size, "protocol/zeroshot/limit": z.limit}
+        means: dict[str, list[float]] = {}
+        for name in z.tasks:
+            scores = res["results"].get(name)
+            if scores is None:
+                raise ConfigError(f"task.zeroshot: lm-eval returned no result for {name!r}")
+            for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+                value = scores.get(f"{metric},none")
+                if isinstance(value, (int, float)):
+                    out[f"zeroshot/{name}/{metric}"] = float(value)
+                    if not metric.endswith("stderr"):
+                        means.setdefault(metric, []).append(float(value))
+            out[f"protocol/zeroshot/{name}/version"] = str(res["versions"].get(name))
+            out[f"protocol/zeroshot/{name}/n"] = int(res["n-samples"][name]["effective"])
+        for metric, values in means.items():
+            if len(values) == len(z.tasks):
+                out[f"zeroshot/mean/{metric}"] = sum(values) / len(values)
         return out
 
     # -- calibration and measurement inputs ------------------------------------------------------------------------
