@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
 from omegaconf import MISSING
@@ -34,12 +37,14 @@ class MethodConfig:
 
 @dataclass
 class CompressContext:
-    """What a method may use while it compresses: the task (for calibration data), device and seeded RNG."""
+    """What a method may use while it compresses: the task (for calibration data), device, seeded RNG, and the
+    run's ``stage_dir`` for checkpoints that let a killed or requeued run resume (see ``checkpointed``)."""
 
     task: "Task"
     device: torch.device
     seed: int
     progress: bool = True
+    stage_dir: Path | None = None
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,27 @@ class CompressContext:
 
     def calibration_batches(self) -> Iterable[Any]:
         return self.task.calibration_batches(self.seed)
+
+    def checkpointed(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, saved to ``<stage_dir>/<name>.pt`` the first time and loaded (onto ``device``) instead of
+        recomputed when a resumed run gets here again. For expensive intermediate results such as calibration
+        statistics: tensors, numbers, strings, lists and dicts of them (``torch.load(weights_only=True)``)."""
+        if self.stage_dir is None:
+            return compute()
+        path = Path(self.stage_dir) / f"{name}.pt"
+        if path.is_file():
+            return torch.load(path, map_location=self.device, weights_only=True)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(value, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return value
 
 
 class Method:

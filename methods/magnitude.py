@@ -14,22 +14,38 @@ class MagnitudeConfig(MethodConfig):
     name: str = "magnitude"
 
 
-def global_magnitude_masks(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
-    """Masks keeping the largest-|w| entries over all ``weights`` together; exactly round(ratio * n) are pruned.
+def kept_count(n: int, ratio: float) -> int:
+    """Weights (or shared slots) kept when ``ratio`` of ``n`` is removed: n - round(ratio * n).
 
-    Ties at the threshold are broken by position (stable sort), so the pruned count is exact.
+    Every pruning and weight-sharing method uses it, so all store the same number of values at a given ratio.
     """
-    flat = torch.cat([w.detach().abs().flatten().float().cpu() for w in weights])
-    n_prune = int(round(ratio * flat.numel()))
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    return n - int(round(ratio * n))
+
+
+def global_score_masks(scores: list[torch.Tensor], n_keep: int) -> list[torch.Tensor]:
+    """Masks keeping the ``n_keep`` highest scores over all tensors together (one global threshold).
+
+    Ties at the threshold are broken by position (stable sort), so exactly ``n_keep`` entries are kept. Scores are
+    compared in float64 on their device, so float64 scores (SynFlow) keep their full range.
+    """
+    flat = torch.cat([s.detach().flatten().to(torch.float64) for s in scores])
+    if not 0 <= n_keep <= flat.numel():
+        raise ValueError(f"cannot keep {n_keep} of {flat.numel()} entries")
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    n_prune = flat.numel() - n_keep
     if n_prune > 0:
-        order = torch.sort(flat, stable=True).indices
-        keep[order[:n_prune]] = False
+        keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
     masks, start = [], 0
-    for w in weights:
-        masks.append(keep[start:start + w.numel()].view_as(w).to(w.device))
-        start += w.numel()
+    for s in scores:
+        masks.append(keep[start:start + s.numel()].view_as(s).to(s.device))
+        start += s.numel()
     return masks
+
+
+def global_magnitude_masks(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    """Masks keeping the largest-|w| entries over all ``weights`` together; exactly round(ratio * n) are pruned."""
+    n = sum(w.numel() for w in weights)
+    return global_score_masks([w.detach().abs() for w in weights], kept_count(n, ratio))
 
 
 @METHODS.register("magnitude")

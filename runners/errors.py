@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """Bad input: an unknown name, an out-of-range value, a missing path or a corrupt file."""
+
+
+class MissingPathError(ConfigError):
+    """A local path the config names (a dataset folder, a checkpoint) does not exist on this machine."""

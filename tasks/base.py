@@ -72,6 +72,11 @@ class Task:
         """An untrained model of the task's architecture (train-time methods compress it, then ``train`` it)."""
         raise ConfigError(f"task family {self.name} builds no untrained model, so train-time methods do not apply")
 
+    @classmethod
+    def supports_training(cls) -> bool:
+        """Whether the family implements ``fresh_model`` and ``train`` (train-time methods need both)."""
+        return cls.fresh_model is not Task.fresh_model and cls.train is not Task.train
+
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Quality metrics plus ``protocol/...`` fields that qualify them."""
         raise NotImplementedError

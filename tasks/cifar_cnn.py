@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from runners.errors import ConfigError
+from runners.errors import ConfigError, MissingPathError
 from runners.record import file_lock, stable_hash
 from tasks import data as image_data
 from tasks import training
@@ -76,7 +76,7 @@ def check_safetensors(path: str | Path) -> Path:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"checkpoint {p} does not exist")
+        raise MissingPathError(f"checkpoint {p} does not exist")
     if p.suffix != ".safetensors":
         raise ConfigError(f"checkpoint {p}: a .safetensors file is expected")
     try:
@@ -164,7 +164,7 @@ class ImageTask(Task):
         if d.dataset != "digits" and not d.root:
             raise ConfigError(f"dataset {d.dataset} needs task.data.root")
         if d.root and not d.download and not Path(d.root).expanduser().is_dir():
-            raise ConfigError(f"task.data.root={d.root} does not exist")
+            raise MissingPathError(f"task.data.root={d.root} does not exist")
         if not self.cfg.checkpoint and not self.has_weights() and self.cfg.train.epochs < 1:
             raise ConfigError("no checkpoint and train.epochs=0: the dense model would be untrained")
 
@@ -187,6 +187,10 @@ class ImageTask(Task):
             torch.manual_seed(seed)
             model = self.create_model()
         return model
+
+    def fresh_model(self, seed: int) -> nn.Module:
+        """The seeded, untrained model on the task's device, in eval mode (train-time methods start from it)."""
+        return self._fresh_model(seed).to(self.device).eval()
 
     def cache_path(self, seed: int) -> Path:
         key = stable_hash({"weights": self.weights_config(), "seed": seed})

@@ -9,6 +9,9 @@ from torch import nn
 from tasks.base import TASKS, Task, TaskConfig
 
 
+TRAIN_STEPS = 6
+
+
 @dataclass
 class ToyConfig(TaskConfig):
     name: str = "toy"
@@ -58,6 +61,36 @@ class Toy(Task):
 
     def calibration_batches(self, seed):
         yield self._data()[:16]
+
+    def _labels(self):
+        return torch.randint(0, self.cfg.width, (64,), generator=torch.Generator().manual_seed(321))
+
+    def calibration_labeled_batches(self, seed):
+        """(x, y): the toy's outputs are read as ``width``-class logits (for data-driven pruning scores)."""
+        yield self._data()[:16], self._labels()[:16]
+
+    def fresh_model(self, seed):
+        torch.manual_seed(seed + 1)
+        return ToyMLP(self.cfg.width, self.cfg.tie_weights).eval()
+
+    def train(self, model, seed, after_step=None, log=None, ckpt_path=None):
+        """TRAIN_STEPS steps of SGD (momentum 0.9, weight decay 1e-4) on cross-entropy, batches of 16."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        x, y = self._data(), self._labels()
+        model.train()
+        for step in range(TRAIN_STEPS):
+            rows = slice(16 * (step % 4), 16 * (step % 4) + 16)
+            loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step(model)
+        if log is not None:
+            log({"epoch": 1, "loss/train": loss.item()})
+        model.eval()
+        return {"train/epochs": 1, "loss/train_final": loss.item()}
 
     def example_inputs(self):
         return (self._data()[: self.cfg.measure.batch_size],)
