@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import resource
+import shutil
 import sys
 import time
 import traceback
@@ -29,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from methods import CompressContext, Method, create_method
 from runners import accounting, measure
-from runners.checkpoint import save_compressed
+from runners.checkpoint import load_compressed, save_compressed
 from runners.errors import ConfigError
 from runners.loggers import create_logger
 from runners.record import RunRecord, file_lock, make_run_id, read_json, run_status, stable_hash, write_json_atomic
@@ -39,11 +42,15 @@ from tasks.adapters import create_adapter
 
 log = logging.getLogger("compbench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# <run_dir>/stages/: checkpoints of a run in progress (compressed model, training state, method statistics), so a
+# killed or requeued run resumes where it was; removed when the run ends (done or failed: a redo starts afresh)
+STAGE_DIR = "stages"
 register_configs()
 
 
-class NonFiniteMetric(RuntimeError):
-    """A loss or metric came out NaN/inf: the run fails with reason ``nan`` instead of leaving a bad row."""
+class NonFiniteMetric(FloatingPointError):
+    """A metric came out NaN/inf: the run fails with reason ``nan`` instead of leaving a bad row. Training loops
+    raise ``FloatingPointError`` for a non-finite loss, which fails the same way."""
 
 
 @dataclass
@@ -73,6 +80,9 @@ def plan(cfg: DictConfig) -> Plan:
     task = create_task(run.task, Path(run.cache_dir), device, run.progress)
     method = create_method(run.method)
     task.check()
+    if method.train_time and not task.supports_training():
+        raise ConfigError(f"method {method.name} trains the model, but task family {run.task.family} has no "
+                          f"training loop")
     semantic = {"task": task.semantic_config(), "method": method.semantic_config(), "seed": run.seed}
     run_id = make_run_id(run.task.name, method.name, semantic)
     return Plan(run, task, method, run_id, Path(run.out_dir) / "runs" / run_id, device)
@@ -107,11 +117,20 @@ def dense_quality(p: Plan, model: torch.nn.Module) -> dict[str, Any]:
 
 
 def failure_reason(exc: BaseException) -> str:
-    if isinstance(exc, NonFiniteMetric):
+    if isinstance(exc, FloatingPointError):
         return "nan"
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
         return "oom"
     return "error"
+
+
+def memory_reached(device: torch.device) -> dict[str, int]:
+    """What a run that ran out of memory had reached: ``oom_peak_bytes`` (CUDA ``max_memory_allocated`` on a GPU,
+    the process's peak RSS on CPU) and, on a GPU, ``oom_device_total_bytes``."""
+    if device.type == "cuda":
+        return {"oom_peak_bytes": torch.cuda.max_memory_allocated(device),
+                "oom_device_total_bytes": torch.cuda.get_device_properties(device).total_memory}
+    return {"oom_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def execute(cfg: DictConfig, overrides: list[str]) -> str:
@@ -132,12 +151,15 @@ def execute(cfg: DictConfig, overrides: list[str]) -> str:
 def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
     run, task, method = p.run, p.task, p.method
     config = OmegaConf.to_container(cfg, resolve=True)
+    stage_dir = p.run_dir / STAGE_DIR
+    if run_status(p.run_dir) != "running":  # only an interrupted run resumes from its stage checkpoints
+        shutil.rmtree(stage_dir, ignore_errors=True)
     record = RunRecord.start(p.run_dir, p.run_id, config, overrides, run.seed, p.device, run.experiment_name)
     handler = logging.FileHandler(p.run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     logger = None
-    failed = False
+    ok = False
     log.info("run %s -> %s", p.run_id, p.run_dir)
     try:
         logger = create_logger(run.logger, p.run_id, p.run_dir, run.experiment_name, config, Path(run.out_dir))
@@ -156,20 +178,33 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
             "main_metric": main_metric, "higher_is_better": higher_is_better}
         with record.stage("dense_eval"):
             dense = dense_quality(p, model)
-        ctx = CompressContext(task=task, device=p.device, seed=run.seed, progress=run.progress)
-        seed_everything(run.seed)
-        t0 = time.perf_counter()
+        ctx = CompressContext(task=task, device=p.device, seed=run.seed, progress=run.progress, stage_dir=stage_dir)
+        compressed = stage_dir / "compressed.safetensors"
         with record.stage("compress"):
-            if method.train_time:
-                model = task.fresh_model(run.seed)
+            saved = read_json(stage_dir / "compressed.json") if compressed.is_file() else None
+            if saved is not None:  # an earlier attempt compressed (and trained) it: load instead of recomputing
+                model = load_compressed(model, compressed).eval()
                 adapter = create_adapter(model)
-                method_metrics = method.apply(model, adapter, ctx)
-                method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
-                                                 log=logger.log, ckpt_path=p.run_dir / "train_state.pt"))
+                method_metrics, compress_s = saved["method_metrics"], saved["compress_s"]
+                record.data["resumed_from"] = "compressed"
+                log.info("resumed %s from its compressed-model checkpoint", p.run_id)
             else:
-                method_metrics = method.apply(model, adapter, ctx)
-            model.eval()
-        compress_s = time.perf_counter() - t0
+                seed_everything(run.seed)
+                t0 = time.perf_counter()
+                if method.train_time:
+                    model = task.fresh_model(run.seed)
+                    adapter = create_adapter(model)
+                    method_metrics = method.apply(model, adapter, ctx)
+                    method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
+                                                     log=logger.log, ckpt_path=stage_dir / "train_state.pt"))
+                else:
+                    method_metrics = method.apply(model, adapter, ctx)
+                model.eval()
+                compress_s = time.perf_counter() - t0
+                _check_finite(method_metrics, "method metrics")
+                save_compressed(model, compressed, {"run_id": p.run_id, "method": method.name})
+                write_json_atomic(stage_dir / "compressed.json",
+                                  {"method_metrics": method_metrics, "compress_s": compress_s})
         with record.stage("eval"):
             seed_everything(run.seed)
             quality = task.evaluate(model)
@@ -181,29 +216,33 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
         with record.stage("measure"):
             metrics.update(_measure(p, model, adapter, scope_paths, dense_counts))
         with record.stage("save"):
-            path = p.run_dir / "model.safetensors"
-            metrics["bytes_on_disk"] = save_compressed(model, path, {"run_id": p.run_id, "method": method.name})
-            if not run.save_model:
-                path.unlink()
+            metrics["bytes_on_disk"] = compressed.stat().st_size
+            if run.save_model:
+                os.replace(compressed, p.run_dir / "model.safetensors")
         _check_finite(metrics, "metrics")
         record.finish(metrics)
+        shutil.rmtree(stage_dir, ignore_errors=True)
         logger.summary(metrics)
         logger.table("metrics", pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]}))
         log.info("done %s: %s=%s removed=%.3f", p.run_id, main_metric, metrics.get(main_metric),
                  metrics["scope/removed_fraction"])
+        ok = True
         return "done"
     except Exception as exc:  # recorded, and the sweep goes on
-        failed = True
         reason = failure_reason(exc)
-        extra = {}
-        if reason == "oom" and p.device.type == "cuda":
-            extra["oom_peak_bytes"] = torch.cuda.max_memory_allocated(p.device)
-        record.fail(reason, f"{type(exc).__name__}: {exc}", traceback.format_exc(), extra)
+        record.fail(reason, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                    memory_reached(p.device) if reason == "oom" else None)
+        shutil.rmtree(stage_dir, ignore_errors=True)
         log.error("run %s failed (%s): %s", p.run_id, reason, exc)
         return "failed"
-    finally:
+    finally:  # also on SystemExit / KeyboardInterrupt (a requeue, Ctrl-C): the run stays `running`, resumable
         if logger is not None:
-            logger.finish(failed=failed)
+            try:
+                logger.finish(failed=not ok)
+            except Exception as exc:  # noqa: BLE001
+                # the JSON record is the source of truth: a mirror that cannot close (e.g. its service process was
+                # killed by a requeue) does not change the run's outcome
+                log.warning("logger did not finish cleanly: %s", exc)
         logging.getLogger().removeHandler(handler)
         handler.close()
 
