@@ -44,9 +44,12 @@ def sweep_points(overrides: list[str], conf_dir: Path) -> list[list[str]]:
         parsed = parser.parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(one_line(e)) from e
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # the sweeper's params come from the fixed group choices (experiment=..., hydra/...=...); value overrides such
+    # as task.train.epochs=1 may only exist in the swept tasks, so they are checked per point by the caller
+    choices = [o.input_line for o in parsed if not o.is_sweep_override()
+               and ("." not in o.get_key_element() or o.get_key_element().startswith("hydra."))]
     try:
-        hcfg = compose("run", overrides=fixed, return_hydra_config=True)
+        hcfg = compose("run", overrides=choices, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(one_line(e)) from e
     cli_keys = {o.get_key_element() for o in parsed}

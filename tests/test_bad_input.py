@@ -53,3 +53,15 @@ def test_cli_exit_code_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: method.ratio=2.0 is outside (0, 1): it is the fraction of parameters removed"
     assert not out.exists()
+
+
+def test_value_overrides_are_checked_against_the_swept_tasks():
+    """`task.train.epochs` exists in the swept image tasks, not in the default task: the sweep is valid."""
+    from runners.errors import ConfigError
+    from runners.preflight import preflight
+
+    conf = ROOT / "conf"
+    ok = ["-m", "task=demo_resnet,demo_vit", "task.train.epochs=1", "method=dense,magnitude", "logger=none"]
+    assert preflight(ok, conf) == 4
+    with pytest.raises(ConfigError, match="task.train.nope"):
+        preflight(["-m", "task=demo_resnet,demo_vit", "task.train.nope=1", "method=dense", "logger=none"], conf)
