@@ -54,7 +54,7 @@ DEFAULT_METRICS = ("main", "removed_fraction")
 RATIO_TOL = 1e-6
 CODE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORTED = Path("results/reported")
-LOWER_IS_BETTER = {"latency_ms", "peak_mem_bytes", "flops", "macs", "compress_s", "bytes_on_disk"}
+LOWER_IS_BETTER = {"latency_ms", "decode_ms_per_token", "peak_mem_bytes", "flops", "macs", "compress_s", "bytes_on_disk"}
 HIGHER_IS_BETTER = {"throughput", "compression_x"}
 
 LEGEND = (

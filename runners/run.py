@@ -83,6 +83,9 @@ def plan(cfg: DictConfig) -> Plan:
     if method.train_time and not task.supports_training():
         raise ConfigError(f"method {method.name} trains the model, but task family {run.task.family} has no "
                           f"training loop")
+    if run.measure.decode == "graph" and device.type != "cuda" and task.generates:
+        raise ConfigError("measure.decode=graph captures CUDA graphs and needs a CUDA device; use "
+                          "measure.decode=eager on the CPU")
     semantic = {"task": task.semantic_config(), "method": method.semantic_config(), "seed": run.seed}
     run_id = make_run_id(run.task.name, method.name, semantic)
     return Plan(run, task, method, run_id, Path(run.out_dir) / "runs" / run_id, device)
@@ -262,6 +265,9 @@ def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict
         out.update(measure.peak_memory(model, inputs, p.device))
     if mcfg.latency:
         out.update(measure.latency(model, inputs, items, mcfg.warmup, mcfg.min_run_time_s))
+    if mcfg.decode != "none" and p.task.generates:
+        out.update(measure.decode_latency(model, p.task.decode_prompt(mcfg.decode_prompt), mcfg.decode_tokens,
+                                          mcfg.decode, mcfg.warmup))
     return out
 
 

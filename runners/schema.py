@@ -16,6 +16,8 @@ import methods
 import tasks
 from runners.errors import ConfigError
 
+DECODE_MODES = ("none", "eager", "graph")
+
 
 @dataclass
 class MeasureConfig:
@@ -26,6 +28,18 @@ class MeasureConfig:
     memory: bool = True
     min_run_time_s: float = 0.5  # torch.utils.benchmark blocked_autorange budget per model
     warmup: int = 3
+    # batch-1 greedy decode with a static KV cache, for tasks that generate (language models): none | eager |
+    # graph (torch.compile mode reduce-overhead: CUDA graphs; needs a CUDA device)
+    decode: str = "eager"
+    decode_prompt: int = 32  # prompt tokens prefilled before the timed steps
+    decode_tokens: int = 64  # timed steps (after ``warmup`` untimed ones); median and IQR ms/token
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"measure.decode={self.decode!r}; valid: {', '.join(DECODE_MODES)}")
+        if self.decode_prompt < 1 or self.decode_tokens < 1 or self.warmup < 0:
+            raise ConfigError(f"measure: decode_prompt={self.decode_prompt} and decode_tokens={self.decode_tokens} "
+                              f"must be >= 1, warmup={self.warmup} >= 0")
 
 
 @dataclass

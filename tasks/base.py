@@ -89,6 +89,13 @@ class Task:
         """Positional inputs for one forward at ``cfg.measure`` shape, for latency / FLOPs / memory."""
         raise NotImplementedError
 
+    #: whether the task's model generates tokens (then the run measures batch-1 decode, ``measure.decode``)
+    generates: bool = False
+
+    def decode_prompt(self, n_tokens: int) -> torch.Tensor:
+        """Token ids [1, n_tokens] on the model's input device, the prompt of the decode measurement."""
+        raise NotImplementedError(f"task family {self.name} does not generate")
+
     def items_per_forward(self) -> int:
         """Items one example forward processes (tokens for LMs, images for vision), for throughput."""
         return self.cfg.measure.batch_size

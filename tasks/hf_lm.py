@@ -754,3 +754,10 @@ class HfLmTask(Task):
 
     def items_per_forward(self) -> int:
         return self.cfg.measure.batch_size * self.cfg.measure.seqlen
+
+    generates = True
+
+    def decode_prompt(self, n_tokens: int) -> torch.Tensor:
+        """Deterministic token ids [1, n_tokens] (the first row of a seed-1 draw)."""
+        gen = torch.Generator().manual_seed(1)
+        return torch.randint(0, self._vocab(), (1, n_tokens), generator=gen).to(self._input_device)

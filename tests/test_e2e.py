@@ -31,6 +31,7 @@ def test_one_run_per_embedded_task(tmp_path, shared_cache, task, method):
     assert metrics[main] > 0 and metrics[f"dense/{main}"] > 0
     assert abs(metrics["scope/removed_fraction"] - 0.5) < 0.06
     assert metrics["latency_ms"] > 0 and metrics["flops"] > 0 and metrics["peak_mem_bytes"] > 0
+    assert ("decode_ms_per_token" in metrics) == (task == "demo_lm")  # batch-1 decode for generative tasks only
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ from tests.conftest import ROOT, TINY
 
 # measured on the machine, different from one execution to the next; everything else in metrics.json is a
 # deterministic function of the config (quality, accounting, FLOPs, bytes on disk, protocol fields)
-MEASURED = {"latency_ms", "latency_iqr_ms", "throughput", "peak_mem_bytes", "compress_s", "protocol/latency_repeats"}
+MEASURED = {"latency_ms", "latency_iqr_ms", "throughput", "peak_mem_bytes", "compress_s", "protocol/latency_repeats",
+            "decode_ms_per_token", "decode_iqr_ms"}
 
 
 def deterministic(metrics: dict) -> dict:
