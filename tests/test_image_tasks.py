@@ -145,6 +145,18 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert tr1.images.shape[1:] == (1, 8, 8) and 0.0 <= tr1.images.min() and tr1.images.max() <= 1.0
 
 
+def test_train_per_class_keeps_a_fixed_stratified_subset():
+    full = load_image_data(DataConfig(dataset="digits"))
+    sub = load_image_data(DataConfig(dataset="digits", train_per_class=20))
+    again = load_image_data(DataConfig(dataset="digits", train_per_class=20))
+    assert torch.bincount(sub.train.targets).tolist() == [20] * 10
+    assert torch.equal(sub.train.source_index, again.train.source_index)
+    assert set(sub.train.source_index.tolist()) <= set(full.train.source_index.tolist())
+    assert torch.equal(sub.test.images, full.test.images)  # the test split is never subsampled
+    with pytest.raises(ConfigError, match="train_per_class"):
+        DataConfig(dataset="imagefolder", root="x", train_per_class=5)
+
+
 def _write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
     with gzip.open(path, "wb") as f:
