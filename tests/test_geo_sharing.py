@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.toy import tiny_llama
 
 import methods.geo_sharing as geo
 from methods import CompressContext, create_method
@@ -33,25 +33,7 @@ SHARED = ("q", "k", "v", "gate", "up")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama(layers: int = 3, hidden: int = 32, inter: int = 48, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=64,
-                      use_cache=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # the default 0.02 init makes every block nearly the identity: make the blocks matter
-        for p in model.model.layers.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Ctx(CompressContext):

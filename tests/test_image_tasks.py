@@ -27,13 +27,7 @@ CPU = torch.device("cpu")
 TINY_VIT = dict(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2, global_pool="avg")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared CPU run fastest (and most reproducibly) on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_train(**kw) -> TrainConfig:

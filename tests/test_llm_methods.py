@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.toy import tiny_llama
 
 from methods import CompressContext, create_method
 from methods.basis_sharing import (BasisSharingConfig, PlanFitter, SharingPlan, basis_rank, consecutive_groups,
@@ -26,25 +26,7 @@ from tasks.adapters import LlamaAdapter, create_adapter
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
-    """A random LLaMA: hidden 32, MLP 48, 4 heads, vocabulary 64; an odd layer count leaves a remainder class."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, use_cache=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # the default 0.02 init makes every layer nearly the identity: make the blocks matter
-        for p in model.model.layers.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.2)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Ctx(CompressContext):

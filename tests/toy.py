@@ -94,3 +94,21 @@ class Toy(Task):
 
     def example_inputs(self):
         return (self._data()[: self.cfg.measure.batch_size],)
+
+
+def tiny_llama(layers: int = 3, hidden: int = 32, inter: int = 48, heads: int = 4, seed: int = 0):
+    """A random ``LlamaForCausalLM`` (vocabulary 64, no grouped-query attention) whose blocks matter: the default
+    0.02 init makes every block nearly the identity, so block weights are drawn with std 0.2. An odd layer count
+    leaves Basis Sharing a remainder class."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=64,
+                      use_cache=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model
