@@ -162,7 +162,8 @@ def run_blocks(adapter: ModelAdapter, inputs: BlockInputs, roles: Sequence[str],
                progress: bool = True, desc: str = "calibration") -> None:
     """Feed ``inputs`` through the blocks in order, accumulating X^T X of the inputs of the ``roles`` linears.
 
-    For block ``i``: the cached hidden states go through it one batch at a time, with forward hooks adding each
+    For block ``i``: the cached hidden states go through the adapter's ``transition(i)`` if any (Swin's patch
+    merging between stages), then through the block one batch at a time, with forward hooks adding each
     input group's rows to a ``Gram``; the outputs replace the cached inputs; then ``on_block(i, grams)`` runs,
     with ``grams[role]`` for every role (roles of one input group share one ``Gram`` object). The callback may
     replace the block's linears: the next block's inputs are already computed.
@@ -186,9 +187,13 @@ def run_blocks(adapter: ModelAdapter, inputs: BlockInputs, roles: Sequence[str],
             grams[key] = gram
             handles.append(linear.register_forward_hook(lambda m, args, out, g=gram: g.add(args[0])))
         kwargs = _to(inputs.block_kwargs[i], run_on)
+        transition = adapter.transition(i)
         try:
             for j, h in enumerate(inputs.hidden):
-                out = block(h.to(run_on), **kwargs)
+                h = h.to(run_on)
+                if transition is not None:  # e.g. Swin's patch merging between stages (it stays where it is)
+                    h = transition(h.to(_block_device(transition))).to(run_on)
+                out = block(h, **kwargs)
                 inputs.hidden[j] = out[0] if isinstance(out, (tuple, list)) else out
         finally:
             for handle in handles:

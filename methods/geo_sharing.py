@@ -66,8 +66,8 @@ useful range 1e-2..1e-1, whose optimum is near 1e-2) [seed]; K from the budget r
 rule]; kfac curvature, pair initialisation, per-class Basis Sharing ranks, share_types as Basis Sharing, whitened
 refit [inferred; spec 1.4 steps 1-6]. Everything not stated by the paper is a proposal (spec section 6, items 2-6).
 
-Statistics are the dense model's, block by block (``methods.calibration``; Swin, whose stages downsample between
-blocks, by hooks over whole forwards); private roles are fitted while the statistics stream, the coloured roles'
+Statistics are the dense model's, block by block (``methods.calibration``; Swin through the patch merging between
+its stages); private roles are fitted while the statistics stream, the coloured roles'
 grams are kept on the CPU until the colouring is known (LLaMA-7B: q/k/v and gate/up grams, 2 x 4096^2 float64 per
 layer, about 8.6 GB). Cost of the colouring per coloured role: L singles + L (L - 1) / 2 pair fits (whitened SVDs
 of d_in x 2 d_out) for ``init: pairs``, which dominate at LLaMA-7B size (496 per role; ``init: adjacent`` skips
@@ -90,7 +90,7 @@ from torch.func import functional_call
 
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.basis_sharing import PlanFitter, SharingPlan, basis_rank, refit_coefficients, role_path
-from methods.calibration import Gram, _forward, capture_block_inputs, input_keys, run_blocks
+from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
 from methods.modules import CompressedModule
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
@@ -675,31 +675,9 @@ class GeoSharing(Method):
 
     def statistics_pass(self, adapter: ModelAdapter, roles: Sequence[str], callback: _Statistics,
                         ctx: CompressContext) -> None:
-        """The dense model's statistics, block by block (``run_blocks``); for adapters with stages (Swin: a
-        downsampling between stages, so one block's output is not the next block's input) by forward hooks on
-        whole forwards of the model instead, then handed to the callback block by block."""
-        if not hasattr(adapter, "stage_of"):
-            inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
-            run_blocks(adapter, inputs, roles, callback, ctx.device, ctx.progress, desc="geo_sharing")
-            return
-        keys = input_keys(adapter, roles)
-        per_block, handles = [], []
-        for block in adapter.blocks():
-            grams = {}
-            for key in dict.fromkeys(keys.values()):
-                linear = block.get_submodule(adapter.roles[key])
-                grams[key] = Gram.zeros(linear.in_features, linear.weight.device)
-                handles.append(linear.register_forward_hook(lambda m, a, o, g=grams[key]: g.add(a[0])))
-            per_block.append({role: grams[key] for role, key in keys.items()})
-        try:
-            with torch.no_grad():
-                for batch in ctx.calibration_batches():
-                    _forward(adapter.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-        for i, grams in enumerate(per_block):
-            callback(i, grams)
+        """The dense model's statistics, block by block (``run_blocks``; Swin through its patch merging)."""
+        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
+        run_blocks(adapter, inputs, roles, callback, ctx.device, ctx.progress, desc="geo_sharing")
 
     # -- apply -------------------------------------------------------------------------------------------------
     def apply(self, model, adapter, ctx: CompressContext) -> dict[str, float]:

@@ -56,6 +56,11 @@ class ModelAdapter:
     def blocks(self) -> list[nn.Module]:
         return [self.model.get_submodule(p) for p in self.block_paths()]
 
+    def transition(self, index: int) -> nn.Module | None:
+        """What the model applies between block ``index - 1``'s output and block ``index``'s input (None: nothing,
+        the output is the input). Block-wise calibration applies it to the cached hidden states."""
+        return None
+
     def role_paths(self, role: str) -> list[str]:
         """Qualified names of the ``role`` linear in every block, in block order."""
         return [f"{b}.{self.roles[role]}" for b in self.block_paths()]
@@ -152,6 +157,14 @@ class TimmSwinAdapter(ModelAdapter):
 
     def stage_of(self, block_path: str) -> int:
         return int(block_path.split(".")[1])
+
+    def transition(self, index: int) -> nn.Module | None:
+        """A stage's patch merging (``layers[s].downsample``, run before its first block)."""
+        path = self.block_paths()[index]
+        stage = self.model.layers[self.stage_of(path)]
+        if index == 0 or not path.endswith(".blocks.0") or isinstance(stage.downsample, nn.Identity):
+            return None
+        return stage.downsample
 
 
 class CnnAdapter(ModelAdapter):

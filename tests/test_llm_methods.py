@@ -80,6 +80,37 @@ def test_blockwise_grams_equal_a_direct_computation_from_all_activations():
     assert grams[("o", 1)] is not grams[("q", 1)]
 
 
+def test_blockwise_grams_cross_swin_stages_through_the_patch_merging():
+    """Swin merges patches between stages, so block i's output is not block i+1's input: the adapter's transition
+    is applied and the statistics equal those of whole forwards."""
+    import timm
+
+    from tasks.adapters import TimmSwinAdapter
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, patch_size=2,
+                              embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4, num_classes=5,
+                              in_chans=1).eval()
+    adapter = create_adapter(model)
+    assert isinstance(adapter, TimmSwinAdapter)
+    assert [adapter.transition(i) is not None for i in range(4)] == [False, False, True, False]
+    batches = [torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    inputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+    hooks = [model.get_submodule(role_path(adapter, r, i)).register_forward_hook(
+        lambda m, a, o, key=(r, i): inputs.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        for r in ("qkv", "fc2") for i in range(4)]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    grams = collect_grams(adapter, batches, ["qkv", "fc2"], progress=False)
+    for (role, i), gram in grams.items():
+        x = torch.cat(inputs[(role, i)])
+        assert gram.tokens == x.shape[0]
+        torch.testing.assert_close(gram.xtx, x.T @ x, rtol=1e-5, atol=1e-5 * float((x.T @ x).abs().max()))
+
+
 def test_calibration_passes_leave_the_model_unchanged_and_cache_one_input_per_batch():
     model = tiny_llama()
     before = logits(model)
