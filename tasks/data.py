@@ -53,6 +53,7 @@ class DataConfig:
     transform: str = "plain"  # plain (ToTensor + Normalize) | timm (the model's eval transform; ImageFolder only)
     train_per_class: int | None = None  # keep a fixed stratified subset of the train split (seed 0), for quick
     #                                     CPU sweeps; None: all of it. In-memory datasets (not ImageFolder)
+    test_per_class: int | None = None  # the same for the test split (protocol/n_test records the size)
     train_split: str = "train"  # ImageFolder: sub-folders of root ("" = root itself)
     test_split: str = "val"
 
@@ -65,9 +66,11 @@ class DataConfig:
             raise ConfigError("task.data.transform=timm applies to dataset=imagefolder only")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"task.data.image_size={self.image_size} must be >= 1 (or null for the native size)")
-        if self.train_per_class is not None and (self.train_per_class < 1 or self.dataset == "imagefolder"):
-            raise ConfigError(f"task.data.train_per_class={self.train_per_class}: an integer >= 1, and only for "
-                              "in-memory datasets (not imagefolder)")
+        for key in ("train_per_class", "test_per_class"):
+            value = getattr(self, key)
+            if value is not None and (value < 1 or self.dataset == "imagefolder"):
+                raise ConfigError(f"task.data.{key}={value}: an integer >= 1, and only for in-memory datasets "
+                                  "(not imagefolder)")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("task.data.mean and task.data.std are set together")
         if self.std is not None:
@@ -301,14 +304,20 @@ def load_image_data(cfg: DataConfig, timm_data_config: dict[str, Any] | None = N
     else:
         train, test = load_cifar(cfg.dataset, cfg.root, cfg.download)
     num_classes = int(torch.cat([train.targets, test.targets]).max()) + 1
-    if cfg.train_per_class is not None:
-        keep = per_class_indices(train.targets, cfg.train_per_class, torch.Generator().manual_seed(0)).sort().values
-        base = train.source_index if train.source_index is not None else torch.arange(len(train))
-        train = TensorImages(train.images[keep], train.targets[keep], base[keep])
+    train, test = stratified_subset(train, cfg.train_per_class), stratified_subset(test, cfg.test_per_class)
     native = test.images.shape[-1]
     size = cfg.image_size or native
     return ImageData(cfg.dataset, train, test, num_classes, test.images.shape[1], size, mean, std,
                      test_split="test", resize_to=size if size != native else None)
+
+
+def stratified_subset(images: TensorImages, per_class: int | None) -> TensorImages:
+    """A fixed (seed 0) subset of ``per_class`` images of every class, in their original order; None: all."""
+    if per_class is None:
+        return images
+    keep = per_class_indices(images.targets, per_class, torch.Generator().manual_seed(0)).sort().values
+    base = images.source_index if images.source_index is not None else torch.arange(len(images))
+    return TensorImages(images.images[keep], images.targets[keep], base[keep])
 
 
 def per_class_indices(labels: Tensor, per_class: int, generator: torch.Generator) -> Tensor:

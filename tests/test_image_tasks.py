@@ -139,14 +139,16 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert tr1.images.shape[1:] == (1, 8, 8) and 0.0 <= tr1.images.min() and tr1.images.max() <= 1.0
 
 
-def test_train_per_class_keeps_a_fixed_stratified_subset():
+def test_per_class_options_keep_fixed_stratified_subsets():
     full = load_image_data(DataConfig(dataset="digits"))
     sub = load_image_data(DataConfig(dataset="digits", train_per_class=20))
     again = load_image_data(DataConfig(dataset="digits", train_per_class=20))
     assert torch.bincount(sub.train.targets).tolist() == [20] * 10
     assert torch.equal(sub.train.source_index, again.train.source_index)
     assert set(sub.train.source_index.tolist()) <= set(full.train.source_index.tolist())
-    assert torch.equal(sub.test.images, full.test.images)  # the test split is never subsampled
+    assert torch.equal(sub.test.images, full.test.images)  # untouched unless test_per_class is set
+    small_test = load_image_data(DataConfig(dataset="digits", test_per_class=5))
+    assert torch.bincount(small_test.test.targets).tolist() == [5] * 10 and len(small_test.train) == len(full.train)
     with pytest.raises(ConfigError, match="train_per_class"):
         DataConfig(dataset="imagefolder", root="x", train_per_class=5)
 
