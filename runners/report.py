@@ -140,7 +140,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         error=rec.get("error"), experiment=rec.get("experiment"), task=task, model=summary.get("model") or task,
         dataset=summary.get("dataset"), family=summary.get("family") or task_cfg.get("family"), method=method,
         ratio=_as_float(ratio), seed=int(seed) if isinstance(seed, (int, float)) and math.isfinite(seed) else None,
-        main_metric=summary.get("main_metric"), higher_is_better=summary.get("higher_is_better"))
+        main_metric=summary.get("main_metric"), higher_is_better=summary.get("higher_is_better"),
+        task_config=json.dumps(task_cfg, sort_keys=True, default=str))
     if status not in ("running", "done", "failed"):
         warnings.warn(f"run {run_dir.name}: unknown status {status!r}; counted as corrupt", stacklevel=3)
         row.update(status="corrupt", error=f"unknown status {status!r}")
@@ -154,6 +155,37 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(tree, sort_keys=True, default=str)}
+
+
+def label_task_variants(rows: list[dict[str, Any]]) -> None:
+    """Runs of one task name with different task configs (e.g. ``task.train.epochs=6`` on the command line) are
+    different experiments: their ``task`` becomes ``<name> [key=value, ...]`` with the keys that differ, so they
+    get tables of their own. ``model`` keeps the name (published numbers still match)."""
+    by_task: dict[str, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        config = row.pop("task_config", None)
+        if row.get("task") is not None and config is not None:
+            by_task.setdefault(row["task"], {})[config] = _flatten(json.loads(config))
+            row["_task_config"] = config
+    for row in rows:
+        config = row.pop("_task_config", None)
+        variants = by_task.get(row.get("task"), {})
+        if len(variants) < 2 or config is None:
+            continue
+        flats = list(variants.values())
+        keys = sorted(k for k in {k for f in flats for k in f} if len({f.get(k) for f in flats}) > 1)
+        mine = variants[config]
+        differences = ", ".join(f"{k}={mine.get(k, 'unset')}" for k in keys)
+        row["task"] = f"{row['task']} [{differences}]"
+
+
 def collect_runs(root: Path) -> pd.DataFrame:
     """One row per ``<root>/runs/<run_id>/``: run fields, summary fields and every metrics.json key.
 
@@ -161,6 +193,7 @@ def collect_runs(root: Path) -> pd.DataFrame:
     """
     runs_dir = _runs_dir(Path(root))
     rows = [_run_row(p) for p in sorted(runs_dir.iterdir()) if p.is_dir()] if runs_dir.is_dir() else []
+    label_task_variants(rows)
     df = pd.DataFrame(rows)
     metric_cols = sorted(c for c in df.columns if c not in RUN_COLUMNS)
     df = df.reindex(columns=RUN_COLUMNS + metric_cols)

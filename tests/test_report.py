@@ -157,6 +157,25 @@ def test_collect_runs(tmp_path):
         assert len(collect_runs(root / "runs")) == 21
 
 
+def test_runs_of_one_task_with_different_task_configs_get_tables_of_their_own(tmp_path):
+    root = tmp_path / "sweep"
+    for epochs, value in ((6, 0.8), (160, 0.9)):
+        for method in ("dense", "magnitude"):
+            _write_run(root / str(epochs), "demo_img", method, 0.0 if method == "dense" else 0.5, 0, value)
+            (run_dir,) = (root / str(epochs) / "runs").iterdir()
+            rec = json.loads((run_dir / "run.json").read_text())
+            rec["config"]["task"]["train"] = {"epochs": epochs, "lr": 0.1}
+            (run_dir / "run.json").write_text(json.dumps(rec))
+            target = root / "runs" / f"{run_dir.name}-e{epochs}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.rename(target)
+    df = collect_runs(root)
+    assert sorted(df["task"].unique()) == ["demo_img [train.epochs=160]", "demo_img [train.epochs=6]"]
+    assert set(df["model"]) == {"demo_img"}  # published numbers still match by model
+    tables = build_tables(df)
+    assert set(tables) == {"demo_img [train.epochs=160]", "demo_img [train.epochs=6]"}
+
+
 def test_results_csv(sweep):
     _, out, _ = sweep
     df = pd.read_csv(out / "results.csv", keep_default_na=False)
