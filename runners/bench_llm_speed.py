@@ -1,0 +1,185 @@
+"""Inference speed and resident weight bytes of compressed LLaMA layouts against the dense model.
+
+Random weights of a LLaMA shape (default LLaMA-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocabulary 32000)
+in bf16 on one device; every linear of the decoder blocks is replaced by the layout a method stores, with random
+factors of the method's ranks (timing does not depend on the values):
+
+* ``lowrank``: svd / svd_llm, each matrix U (out x r) V (r x in), r = floor((1 - ratio) m n / (m + n));
+* ``basis_sharing``: q, k, v, gate, up share one basis per pair of consecutive layers (Basis Sharing's rank),
+  o and down private low rank; a shared basis is one tensor, resident once.
+
+Measured per layout and ratio: prefill tokens/s at ``--batch x --seqlen`` (``torch.utils.benchmark``), batch-1
+decode ms/token with a static KV cache, eager and with CUDA graphs (``--decode eager graph``), and the resident
+weight bytes. ``--round-ranks 64`` rounds every rank down to a multiple of 64 (what the GPU's tiles want).
+
+    python -m runners.bench_llm_speed --device cuda --out results/bench/llm_speed_h100.json
+    python -m runners.bench_llm_speed --hidden 64 --intermediate 160 --layers 2 --heads 4 --vocab 512 \\
+        --seqlen 32 --decode eager                                   # a CPU smoke run
+
+Prints a table (and each figure's ratio to dense) and writes it as JSON with the device, date and settings.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis, role_path
+from methods.modules import LowRankLinear
+from methods.svd import rank_for_ratio
+from runners import measure
+from runners.record import device_info
+from tasks.adapters import LlamaAdapter
+
+LAYOUTS = ("dense", "lowrank", "basis_sharing")
+SHARED_ROLES = ("q", "k", "v", "gate", "up")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_dense(args: argparse.Namespace, device: torch.device) -> LlamaForCausalLM:
+    """A LLaMA of the requested shape with random weights, in ``args.dtype`` on ``device``, in eval mode."""
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=max(args.seqlen, args.prompt + args.tokens + args.warmup) + 8)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[args.dtype])
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _rounded(rank: int, multiple: int) -> int:
+    return max(multiple, rank // multiple * multiple) if multiple > 1 else rank
+
+
+def _random_factor(rows: int, cols: int, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return (torch.randn(rows, cols, generator=gen, device=like.device) * cols ** -0.5).to(like.dtype)
+
+
+def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks: int) -> dict[str, int]:
+    """Replace every decoder linear by ``layout`` with random factors; returns {role: rank} (first class)."""
+    adapter = LlamaAdapter(model)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
+    ranks: dict[str, int] = {}
+    n_layers = len(adapter.blocks())
+    for role in adapter.roles:
+        ref = model.get_submodule(role_path(adapter, role, 0))
+        d_out, d_in = ref.weight.shape
+        shared = layout == "basis_sharing" and role in SHARED_ROLES
+        groups = consecutive_groups(n_layers, 2) if shared else [(i,) for i in range(n_layers)]
+        for group in groups:
+            rank = basis_rank(d_in, d_out, len(group), ratio) if shared else rank_for_ratio(d_out, d_in, ratio)
+            rank = _rounded(rank, round_ranks)
+            ranks.setdefault(role, rank)
+            if shared:
+                basis = _random_factor(rank, d_in, ref.weight, gen)
+                install_shared_basis(adapter, role, group, basis,
+                                     [_random_factor(d_out, rank, ref.weight, gen) for _ in group])
+            else:
+                path = role_path(adapter, role, group[0])
+                layer = model.get_submodule(path)
+                adapter.replace(path, LowRankLinear.from_factors(_random_factor(d_out, rank, ref.weight, gen),
+                                                                 _random_factor(rank, d_in, ref.weight, gen),
+                                                                 layer.bias))
+    return ranks
+
+
+def linear_params(model: nn.Module) -> int:
+    """Unique parameters of the decoder blocks' linears (a shared basis once)."""
+    seen, total = set(), 0
+    for block in LlamaAdapter(model).blocks():
+        for p in block.parameters():
+            if p.dim() == 2 and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def measure_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), generator=gen).to(device)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(device)
+    out: dict[str, Any] = {"weight_bytes": measure.weight_bytes(model), "linear_params": linear_params(model)}
+    prefill = measure.latency(model, (ids,), args.batch * args.seqlen, args.warmup, args.min_run_time)
+    out.update(prefill_tokens_per_s=prefill["throughput"], prefill_ms=prefill["latency_ms"])
+    for mode in args.decode:
+        torch.compiler.reset()
+        d = measure.decode_latency(model, prompt, args.tokens, mode, args.warmup)
+        out[f"decode_{mode}_ms"] = d["decode_ms_per_token"]
+        out[f"decode_{mode}_iqr_ms"] = d["decode_iqr_ms"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5], help="fraction of linear parameters removed")
+    ap.add_argument("--round-ranks", type=int, default=1, help="round ranks down to a multiple of this (1: off)")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=1, help="prefill batch")
+    ap.add_argument("--seqlen", type=int, default=2048, help="prefill tokens per sequence")
+    ap.add_argument("--prompt", type=int, default=128, help="decode prompt tokens")
+    ap.add_argument("--tokens", type=int, default=128, help="timed decode steps")
+    ap.add_argument("--decode", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed prefills per model")
+    ap.add_argument("--out", type=Path, default=Path("results/bench/llm_speed.json"))
+    args = ap.parse_args(argv)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    if "graph" in args.decode and device.type != "cuda":
+        raise SystemExit("--decode graph captures CUDA graphs: use --decode eager on the CPU")
+    if not all(0 < r < 1 for r in args.ratios):
+        raise SystemExit(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
+    rows, dense = [], None
+    for layout in ["dense", *(name for name in args.layouts if name != "dense")]:
+        for ratio in ([0.0] if layout == "dense" else args.ratios):
+            model = build_dense(args, device)
+            ranks = {} if layout == "dense" else apply_layout(model, layout, ratio, args.round_ranks)
+            row = {"layout": layout, "ratio": ratio, "ranks": ranks, **measure_model(model, args, device)}
+            dense = dense or row
+            row["removed_of_linear"] = 1 - row["linear_params"] / dense["linear_params"]
+            for key in ("weight_bytes", "prefill_tokens_per_s", *(f"decode_{m}_ms" for m in args.decode)):
+                row[f"{key}_vs_dense"] = row[key] / dense[key]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    head = f"{'layout':14s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s} {'prefill tok/s':>13s} {'x':>5s}"
+    head += "".join(f" {'decode ' + m + ' ms':>16s} {'x':>5s}" for m in args.decode)
+    print("\n" + head)
+    for r in rows:
+        line = (f"{r['layout']:14s} {r['ratio']:5.2f} {r['removed_of_linear']:7.3f} {r['weight_bytes'] / 1e9:10.3f} "
+                f"{r['weight_bytes_vs_dense']:5.2f} {r['prefill_tokens_per_s']:13.0f} {r['prefill_tokens_per_s_vs_dense']:5.2f}")
+        line += "".join(f" {r[f'decode_{m}_ms']:16.3f} {r[f'decode_{m}_ms_vs_dense']:5.2f}" for m in args.decode)
+        print(line)
+    print(f"device: {out['device'].get('gpu') or out['device']['cpu']}, {out['date']}; written to {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on tiny shapes (their figures come from real devices: BENCHMARKS.md)."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from runners import bench_llm_speed, bench_train_step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_llm_speed_layouts_store_what_the_ratio_says(tmp_path):
+    out = bench_llm_speed.main(["--device", "cpu", "--dtype", "fp32", "--hidden", "64", "--intermediate", "160",
+                                "--layers", "4", "--heads", "4", "--vocab", "128", "--seqlen", "16",
+                                "--prompt", "4", "--tokens", "3", "--warmup", "1", "--decode", "eager",
+                                "--min-run-time", "0.01", "--ratios", "0.2", "0.5", "--out", str(tmp_path / "s.json")])
+    rows = {(r["layout"], r["ratio"]): r for r in out["rows"]}
+    assert set(rows) == {("dense", 0.0)} | {(lay, r) for lay in ("lowrank", "basis_sharing") for r in (0.2, 0.5)}
+    for (layout, ratio), r in rows.items():
+        assert ratio <= r["removed_of_linear"] <= ratio + 0.05, (layout, ratio, r["removed_of_linear"])
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_eager_ms"] > 0
+    assert rows[("basis_sharing", 0.5)]["weight_bytes"] < rows[("dense", 0.0)]["weight_bytes"]
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["layout"] == "dense"
+
+
+def test_llm_speed_rounds_ranks_to_the_requested_multiple():
+    shape = argparse.Namespace(vocab=64, hidden=128, intermediate=256, layers=2, heads=4, seqlen=8, prompt=4,
+                               tokens=2, warmup=1, dtype="fp32")
+    model = bench_llm_speed.build_dense(shape, torch.device("cpu"))
+    ranks = bench_llm_speed.apply_layout(model, "lowrank", 0.5, round_ranks=16)
+    assert all(r % 16 == 0 and r > 0 for r in ranks.values())
+
+
+def test_llm_speed_refuses_graph_decode_on_the_cpu(tmp_path):
+    with pytest.raises(SystemExit, match="CUDA graphs"):
+        bench_llm_speed.main(["--device", "cpu", "--decode", "graph", "--out", str(tmp_path / "s.json")])
+
+
+def test_train_step_benchmark_runs(tmp_path):
+    out = bench_train_step.main(["--archs", "resnet20", "--methods", "stable_rps", "--ratios", "0.9",
+                                 "--batch-size", "4", "--warmup", "1", "--min-run-time", "0.01",
+                                 "--out", str(tmp_path / "t.json")])
+    assert [(r["method"], r["ratio"]) for r in out["rows"]] == [("dense", 0.0), ("stable_rps", 0.9)]
+    assert all(r["step_ms"] > 0 for r in out["rows"])
