@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
@@ -13,6 +11,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from runners.errors import ConfigError
+from runners.record import atomic_path
 from runners.registry import Registry
 
 if TYPE_CHECKING:
@@ -63,15 +62,8 @@ class CompressContext:
         if path.is_file():
             return torch.load(path, map_location=self.device, weights_only=True)
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(value, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return value
 
 

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from torch import nn
 
 from methods.modules import MODULE_CLASSES, CompressedModule, _Masked
 from runners.errors import ConfigError
+from runners.record import atomic_path
 
 FORMAT = "compbench-1"
 
@@ -65,15 +64,8 @@ def save_compressed(model: nn.Module, path: Path, metadata: dict[str, str] | Non
             tensors[key] = t.contiguous().cpu()
     meta = {"format": FORMAT, "modules": json.dumps(modules), "aliases": json.dumps(aliases), **(metadata or {})}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path.stat().st_size
 
 

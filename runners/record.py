@@ -55,21 +55,33 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary file in ``path``'s folder to write; renamed over ``path`` when the block succeeds, deleted when
+    it fails, so readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | str) -> None:
+    """``data`` (str as UTF-8) to ``path`` atomically, fsynced before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``obj`` as indented, key-sorted JSON (NaN refused), written atomically."""
+    write_bytes_atomic(path, json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -30,10 +30,8 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from runners.record import stable_hash, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -589,21 +589,6 @@ def render_pareto(tables: dict[str, TaskTable], runs: pd.DataFrame) -> bytes:
 
 # --------------------------------------------------------------------------------------------------------------
 # Writing
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(root: Path, metrics: list[str] | None = None, reported_dir: Path | None = None) -> Path:
     """Write ``results.csv``, ``table.md``, ``table.tex`` and ``pareto.png`` into ``<root>/report``; return it.
 
@@ -622,10 +607,10 @@ def _write(root: Path, runs: pd.DataFrame, metrics: list[str] | None, reported_d
         reported = load_reported(Path(reported_dir))
     tables = build_tables(runs, metrics, reported)
     out = _report_dir(root)
-    _write_atomic(out / "results.csv", runs.to_csv(index=False))
-    _write_atomic(out / "table.md", render_markdown(tables, runs))
-    _write_atomic(out / "table.tex", render_latex(tables))
-    _write_atomic(out / "pareto.png", render_pareto(tables, runs))
+    write_bytes_atomic(out / "results.csv", runs.to_csv(index=False))
+    write_bytes_atomic(out / "table.md", render_markdown(tables, runs))
+    write_bytes_atomic(out / "table.tex", render_latex(tables))
+    write_bytes_atomic(out / "pareto.png", render_pareto(tables, runs))
     return out
 
 
@@ -661,7 +646,6 @@ def _log_to_wandb(config: DictConfig, root: Path, report: Path) -> None:
     if OmegaConf.select(config, "logger.name") != "wandb":
         return
     from runners.loggers import create_logger
-    from runners.record import stable_hash
     from runners.schema import LoggerConfig
 
     logger_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoggerConfig), config.logger))

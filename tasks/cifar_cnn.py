@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from runners.errors import ConfigError, MissingPathError
-from runners.record import file_lock, stable_hash
+from runners.record import atomic_path, file_lock, stable_hash
 from tasks import data as image_data
 from tasks import training
 from tasks.base import TASKS, Task, TaskConfig
@@ -59,15 +57,8 @@ class ImageTaskConfig(TaskConfig):
 def _save_safetensors_atomic(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save_model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_model(model, tmp, force_contiguous=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_safetensors(path: str | Path) -> Path:

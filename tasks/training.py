@@ -9,8 +9,6 @@ ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from runners.errors import ConfigError
+from runners.record import atomic_path
 
 CKPT_VERSION = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -125,18 +124,6 @@ def evaluate_classifier(model: nn.Module, loader_or_tensors: Any, device: torch.
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _rng_state(shuffle: torch.Generator, augment: torch.Generator) -> dict[str, Any]:
     state = {"shuffle": shuffle.get_state(), "augment": augment.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -237,10 +224,11 @@ def fit(model: nn.Module, data, cfg: TrainConfig, seed: int, device: torch.devic
             record["acc/top5"] = test["acc/top5"]
         history.append(record)
         if ckpt is not None:
-            _save_atomic({"version": CKPT_VERSION, "key": ckpt_key, "epoch": epoch + 1,
-                          "model": model.state_dict(), "optimizer": opt.state_dict(),
-                          "scheduler": _scheduler_state(sched), "rng": _rng_state(shuffle_gen, augment_gen),
-                          "history": history}, ckpt)
+            with atomic_path(ckpt) as tmp:
+                torch.save({"version": CKPT_VERSION, "key": ckpt_key, "epoch": epoch + 1,
+                            "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": _scheduler_state(sched), "rng": _rng_state(shuffle_gen, augment_gen),
+                            "history": history}, tmp)
         if log is not None:
             log(dict(record))
     model.eval()
