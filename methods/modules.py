@@ -238,3 +238,109 @@ class SharedBasisLinear(LowRankLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, shared basis"
+
+
+class MaskedFactor(_Masked):
+    """A sparse factor (rows x cols) with its mask, held by a ``SharedFactorLinear`` as its child ``v``: stored as its
+    non-zeros (the checkpoint writes values + a one-bit mask, as for ``MaskedLinear``). Not a layer: no forward.
+    ``track_dense_grad`` makes ``effective()`` record the gradient of the masked product (dense, pruned entries
+    included) in ``dense_grad``, for sparse training that regrows connections by gradient magnitude (RigL)."""
+
+    def __init__(self, rows: int, cols: int):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.weight = nn.Parameter(torch.zeros(rows, cols))
+        self.bias = None
+        self._init_mask()
+        self.track_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+
+    def effective(self) -> torch.Tensor:
+        v = self.masked_weight()
+        if self.track_dense_grad and v.requires_grad:
+            v.register_hook(self._record_grad)
+        return v
+
+    def _record_grad(self, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        self.dense_grad = g.clone() if self.dense_grad is None else self.dense_grad + g
+
+    def forward(self, *args):
+        raise TypeError("MaskedFactor is a factor of a SharedFactorLinear, not a layer")
+
+    def spec(self) -> dict[str, Any]:
+        return {"rows": self.rows, "cols": self.cols}
+
+    def extra_repr(self) -> str:
+        return f"{self.rows}x{self.cols}, nnz={int(self.mask.sum())}"
+
+
+class SharedFactorLinear(CompressedModule):
+    """A linear whose weight is the product of a dense basis ``u`` (d x rank), shared by every layer of its group
+    (the same ``nn.Parameter`` object), and its own sparse factor ``v`` (``MaskedFactor``, rank x cols): FiPS's
+    W = (U V)^T for ``transposed`` layers (in = d < out = cols: fc1, gate, up) and W = U V otherwise (out = d, in =
+    cols: fc2, down). Stored: U once per group, nnz(V) per layer, the bias; the mask (one bit per entry of V) is
+    index overhead. The forward rebuilds W or multiplies by the factors, whichever costs fewer multiply-adds for the
+    number of rows of the input."""
+
+    non_weight_tensors = ("bias",)
+
+    def __init__(self, in_features: int, out_features: int, rank: int, transposed: bool, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.transposed = in_features, out_features, rank, transposed
+        self.dense_weight_shape = (out_features, in_features)
+        d, cols = (in_features, out_features) if transposed else (out_features, in_features)
+        self.u = nn.Parameter(torch.zeros(d, rank))
+        self.v = MaskedFactor(rank, cols)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_shared(cls, basis: nn.Parameter, factor: torch.Tensor, bias: torch.Tensor | None,
+                    transposed: bool) -> "SharedFactorLinear":
+        """A layer computing with ``basis`` itself (d x rank; not a copy) and copies of ``factor`` (rank x cols)
+        and ``bias``, on ``basis``'s device and dtype."""
+        d, rank = basis.shape
+        cols = factor.shape[1]
+        in_f, out_f = (d, cols) if transposed else (cols, d)
+        with torch.device("meta"):
+            m = cls(in_f, out_f, rank, transposed, bias is not None)
+        m.u = basis
+        m.v = MaskedFactor(rank, cols).to(basis.device, basis.dtype)
+        with torch.no_grad():
+            m.v.weight.copy_(factor)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(basis.device, basis.dtype, copy=True))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.v.effective()
+        d, cols = self.u.shape[0], v.shape[1]
+        rows = x.numel() // max(x.shape[-1], 1)
+        if d * self.rank * cols + rows * d * cols <= rows * self.rank * (d + cols):  # rebuild W, one matmul
+            w = self.u @ v
+            return F.linear(x, w.T if self.transposed else w, self.bias)
+        if self.transposed:  # x (.., d) -> x U (.., r) -> (.., cols)
+            h = F.linear(F.linear(x, self.u.T), v.T)
+            return h + self.bias if self.bias is not None else h
+        return F.linear(F.linear(x, v), self.u, self.bias)
+
+    def stored_tensors(self, weights_only: bool = False) -> list[tuple[torch.Tensor, int]]:
+        out = [(self.u, self.u.numel()), (self.v.masked_weight(), int(self.v.mask.sum()))]
+        if not weights_only and self.bias is not None:
+            out.append((self.bias, self.bias.numel()))
+        return out
+
+    def index_bytes(self) -> int:
+        return self.v.index_bytes()
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "transposed": self.transposed, "bias": self.bias is not None}
+
+    def dense_weight(self) -> torch.Tensor:
+        w = self.u @ self.v.masked_weight()
+        return w.T if self.transposed else w
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"{'(U V)^T' if self.transposed else 'U V'}, shared basis")
