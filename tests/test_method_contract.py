@@ -9,6 +9,8 @@ from runners.run import execute, plan
 from tasks import TASKS as TASK_FAMILIES
 from tasks.adapters import create_adapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TASKS = ["toy", "demo_lm", "demo_resnet"]
 RATIO = 0.5
 TOLERANCE = 0.06  # rank and rounding granularity of the small test models

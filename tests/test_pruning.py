@@ -17,6 +17,8 @@ from methods.pruning import grasp_scores, linearized_copy, snip_scores, synflow_
 from tasks.adapters import create_adapter
 from tasks.models import resnet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRUNERS = ["mag", "random", "snip", "grasp", "synflow"]
 
 

@@ -21,6 +21,8 @@ from runners.errors import ConfigError
 from tasks.adapters import create_adapter
 from tasks.models import resnet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class TinyNet(nn.Module):
     """conv -> BN -> ReLU -> conv -> ReLU -> global pool -> linear: 400 conv/linear weights."""
