@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +325,24 @@ def factorize_group(adapter: ModelAdapter, group: Group, tau: float, device: tor
     return basis, modules
 
 
+def install_factorised(model: nn.Module, adapter: ModelAdapter, groups: Sequence[Group], tau: float,
+                       device: torch.device | None = None) -> tuple[list[SharedFactorLinear], list[nn.Parameter]]:
+    """Replace every group's dense layers by their SVD-initialised ``SharedFactorLinear`` twins and freeze the
+    rest of ``model``; returns the new modules and the trainable parameters (U once, V, biases)."""
+    modules: list[SharedFactorLinear] = []
+    for g in groups:
+        _, mods = factorize_group(adapter, g, tau, device)
+        for m, new in zip(g.layers, mods):
+            adapter.replace(m.path, new)
+        modules += mods
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = fips_parameters(modules)
+    for p in params:
+        p.requires_grad_(True)
+    return modules, params
+
+
 def fips_parameters(modules: Iterable[SharedFactorLinear]) -> list[nn.Parameter]:
     """U (once), V and biases of ``modules``."""
     seen, out = set(), []
@@ -584,17 +602,7 @@ class FiPS(Method):
         batches, n_batches = self.calibration(ctx)
         cache = capture_block_io(adapter, batches, CACHE_DTYPES[cfg.cache_dtype], cfg.cache_device, n_batches,
                                  ctx.progress)
-        modules: list[SharedFactorLinear] = []
-        for g in groups:
-            _, mods = factorize_group(adapter, g, cfg.overcomplete_tau, ctx.device)
-            for m, new in zip(g.layers, mods):
-                adapter.replace(m.path, new)
-            modules += mods
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = fips_parameters(modules)
-        for p in params:
-            p.requires_grad_(True)
+        modules, params = install_factorised(model, adapter, groups, cfg.overcomplete_tau, ctx.device)
         steps = self.n_steps(recipe, len(cache.inputs[0]))
         self.steps_total = steps
         sparsifier = self._make_sparsifier(recipe["sparsifier"], [m.v for m in modules], steps)

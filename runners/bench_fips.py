@@ -3,7 +3,7 @@
 Stages timed on the chosen device, with random images (no data, no hub weights: ``pretrained=False``):
 
 1. teacher: the dense model's block inputs/outputs for ``--images`` images (``methods.fips.capture_block_io``);
-2. svd: SVD initialisation of every group (``factorize_group``) and the sparsifier's initial pruning;
+2. svd: SVD initialisation of every group (``install_factorised``) and the sparsifier's initial pruning;
 3. steps: ``--steps`` optimizer steps of the block objective (sum over blocks of MSE, AdamW, cosine LR, the
    sparsifier's mask updates every ``--update-every`` steps), each timed from its start to the next one (CUDA
    synchronised); median, mean and IQR per step, and the projection to the official schedules (600 and 3,000 steps).
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from methods.fips import (CACHE_DTYPES, FiPSConfig, block_loss_step, capture_block_io, factorize_group,
-                          fips_parameters, plan_groups, train_steps)
+from methods.fips import (CACHE_DTYPES, FiPSConfig, block_loss_step, capture_block_io, install_factorised,
+                          plan_groups, train_steps)
 from methods.sparse_training import make_sparsifier
 from runners.record import device_info
 from tasks.adapters import create_adapter
@@ -71,17 +71,7 @@ def bench(model_name: str, model_kwargs: dict[str, Any], images: int, batch_size
     first = cache.inputs[0][0]
 
     t0 = time.perf_counter()
-    modules = []
-    for g in groups:
-        _, mods = factorize_group(adapter, g, cfg.overcomplete_tau, device)
-        for m, new in zip(g.layers, mods):
-            adapter.replace(m.path, new)
-        modules += mods
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = fips_parameters(modules)
-    for p in params:
-        p.requires_grad_(True)
+    modules, params = install_factorised(model, adapter, groups, cfg.overcomplete_tau, device)
     sp = make_sparsifier(sparsifier, [m.v for m in modules], sparsity, steps, update_every=update_every)
     sp.prepare()
     _sync(device)

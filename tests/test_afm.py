@@ -3,7 +3,6 @@ under the budget, GFM's feature mimicking, on tiny timm ViTs, a tiny CNN and dem
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -17,24 +16,11 @@ from runners.errors import ConfigError
 from runners.record import METRICS_JSON, RUN_JSON, read_json
 from runners.run import execute, plan
 from tasks.adapters import create_adapter
+from tests.toy import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny_vit(seed: int = 0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
-                             num_classes=10).eval()
 
 
 class Ctx(CompressContext):
@@ -122,7 +108,7 @@ def test_allocation_meets_the_budget_and_favours_sensitive_layers():
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9])
 def test_aafm_meets_the_budget_over_the_scope(ratio):
-    model = tiny_vit()
+    model = tiny_vit(depth=3)
     x = images()
     with torch.no_grad():
         ref = model(x)
@@ -140,7 +126,7 @@ def test_aafm_meets_the_budget_over_the_scope(ratio):
 
 def test_uniform_and_energy_variants_and_bad_values():
     for kw in ({"allocation": "uniform"}, {"sensitivity": "energy"}):
-        model = tiny_vit()
+        model = tiny_vit(depth=3)
         method = create_method(AAFMConfig(ratio=0.5, scope="mlp", **kw))
         adapter = create_adapter(model)
         dense = accounting.count(adapter.scope("mlp").values(), weights_only=True)["params_stored"]
@@ -153,12 +139,12 @@ def test_uniform_and_energy_variants_and_bad_values():
     with pytest.raises(ConfigError, match="gfm_params"):
         GFMConfig(gfm_params="some")
     with pytest.raises(ConfigError, match="rank 1"):
-        create_method(AAFMConfig(ratio=0.99, scope="mlp")).check(create_adapter(tiny_vit()))
+        create_method(AAFMConfig(ratio=0.99, scope="mlp")).check(create_adapter(tiny_vit(depth=3)))
 
 
 def test_gfm_at_full_rank_keeps_the_dense_model_and_lowers_the_error_below_it():
     # full rank: every MLP layer replaced by its AFM twin at rank d2, then GFM's training stage
-    model = tiny_vit()
+    model = tiny_vit(depth=3)
     x = images()
     with torch.no_grad():
         ref = model(x)
@@ -178,11 +164,11 @@ def test_gfm_at_full_rank_keeps_the_dense_model_and_lowers_the_error_below_it():
     # below full rank GFM reduces the output error of AAFM (on the calibration inputs it mimics)
     x = torch.cat(batches)
     with torch.no_grad():
-        ref = tiny_vit()(x)
+        ref = tiny_vit(depth=3)(x)
     errors = {}
     for name, cfg in (("aafm", AAFMConfig(ratio=0.6, scope="mlp")),
                       ("gfm", GFMConfig(ratio=0.6, scope="mlp", epochs=8, lr=1e-3))):
-        model = tiny_vit()
+        model = tiny_vit(depth=3)
         method = create_method(cfg)
         out = method.apply(model, create_adapter(model), ctx())
         with torch.no_grad():

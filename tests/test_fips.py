@@ -22,24 +22,11 @@ from runners.record import METRICS_JSON, RUN_JSON, read_json
 from runners.run import execute, plan
 from tasks.adapters import create_adapter
 from tasks.timm_image import stratified_indices
+from tests.toy import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny_vit(depth: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=depth,
-                             num_heads=2, num_classes=10).eval()
 
 
 def tiny_swin(depths=(2, 2, 6, 2), seed: int = 0):

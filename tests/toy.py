@@ -112,3 +112,12 @@ def tiny_llama(layers: int = 3, hidden: int = 32, inter: int = 48, heads: int = 
             if p.ndim == 2:
                 p.normal_(0, 0.2)
     return model
+
+
+def tiny_vit(depth: int = 4, seed: int = 0):
+    """A random timm ViT on 16x16 RGB images: patch 4, width 32, 2 heads, 10 classes, in eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=depth,
+                             num_heads=2, num_classes=10).eval()
