@@ -1,5 +1,5 @@
 """AAFM and GFM (Yu & Wu, "Compressing Transformers: Features Are Low-Rank, but Weights Are Not!", AAAI 2023):
-low rank in the space of a layer's *output features*, not of its weights. Spec: shared/specs/fips.md section 3.
+low rank in the space of a layer's *output features*, not of its weights. Specification: the project's FiPS design notes, section 3.
 
 AFM, one layer y = W x + b (W: d2 x d1; a conv's output channels at every position): from the calibration
 outputs, mean y_bar and covariance C = E[y y^T] - y_bar y_bar^T (float64 running sums); U_k = the top-k

@@ -1,7 +1,7 @@
 """FiPS, Fine-grained Parameter Sharing (arXiv 2411.09816; official code cemuyuk/FiPS): the MLP weights of a group
 of consecutive blocks share one dense basis U, every layer keeps its own sparse factor V.
 
-Spec: shared/specs/fips.md (sections in brackets).
+Specification: the project's FiPS design notes (sections in brackets).
 
 * Groups [1.1]: contiguous runs of blocks covering every MLP, never across a change of stage (Swin) or of width;
   ``group_size`` blocks each (default 4, Swin 6 within a stage: the official DeiT-B / Llama and Swin-B/L
