@@ -168,14 +168,12 @@ def label_task_variants(rows: list[dict[str, Any]]) -> None:
     """Runs of one task name with different task configs (e.g. ``task.train.epochs=6`` on the command line) are
     different experiments: their ``task`` becomes ``<name> [key=value, ...]`` with the keys that differ, so they
     get tables of their own. ``model`` keeps the name (published numbers still match)."""
+    configs = [row.pop("task_config", None) for row in rows]
     by_task: dict[str, dict[str, dict[str, str]]] = {}
-    for row in rows:
-        config = row.pop("task_config", None)
+    for row, config in zip(rows, configs):
         if row.get("task") is not None and config is not None:
             by_task.setdefault(row["task"], {})[config] = _flatten(json.loads(config))
-            row["_task_config"] = config
-    for row in rows:
-        config = row.pop("_task_config", None)
+    for row, config in zip(rows, configs):
         variants = by_task.get(row.get("task"), {})
         if len(variants) < 2 or config is None:
             continue

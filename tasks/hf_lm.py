@@ -534,6 +534,7 @@ class HfLmTask(Task):
 
     config_class = HfLmConfig
     cfg: HfLmConfig
+    generates = True
 
     def __init__(self, cfg: HfLmConfig, cache_dir: Path, device: torch.device, progress: bool = True):
         super().__init__(cfg, cache_dir, device, progress)
@@ -754,8 +755,6 @@ class HfLmTask(Task):
 
     def items_per_forward(self) -> int:
         return self.cfg.measure.batch_size * self.cfg.measure.seqlen
-
-    generates = True
 
     def decode_prompt(self, n_tokens: int) -> torch.Tensor:
         """Deterministic token ids [1, n_tokens] (the first row of a seed-1 draw)."""
