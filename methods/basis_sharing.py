@@ -30,9 +30,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from methods.base import METHODS, CompressContext, Method, MethodConfig
+from methods.base import METHODS, CompressContext, Method
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.modules import SharedBasisLinear
+from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
 from runners.errors import ConfigError
 from tasks.adapters import ModelAdapter
@@ -41,7 +42,7 @@ DEFAULT_KIND = "default"
 
 
 @dataclass
-class BasisSharingConfig(MethodConfig):
+class BasisSharingConfig(LowRankConfig):
     name: str = "basis_sharing"
     group_size: int = 2  # layers per sharing class
     # roles whose basis is shared, per model type (transformers' config.model_type); other types use "default"
@@ -208,7 +209,7 @@ class BasisSharing(Method):
             size = self.cfg.group_size if role in shared else 1
             groups[role] = [tuple(idx[j] for j in g) for g in consecutive_groups(len(idx), size)]
             d_out, d_in = adapter.model.get_submodule(role_path(adapter, role, idx[0])).weight.shape
-            ranks[role] = [basis_rank(d_in, d_out, len(g), self.cfg.ratio) for g in groups[role]]
+            ranks[role] = [self.cfg.fit_rank(basis_rank(d_in, d_out, len(g), self.cfg.ratio)) for g in groups[role]]
             if min(ranks[role]) < 1:
                 raise ConfigError(f"method.ratio={self.cfg.ratio} leaves rank 0 for {role} ({d_out}x{d_in})")
             for g in groups[role]:

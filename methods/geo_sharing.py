@@ -88,11 +88,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from methods.base import METHODS, CompressContext, Method, MethodConfig
+from methods.base import METHODS, CompressContext, Method
 from methods.basis_sharing import PlanFitter, SharingPlan, basis_rank, refit_coefficients, role_path
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
 from methods.modules import CompressedModule
+from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
 from runners.errors import ConfigError
 from tasks.adapters import ModelAdapter, TimmSwinAdapter, TimmViTAdapter
@@ -108,7 +109,7 @@ FORMS = ("one_sided", "two_sided")
 
 
 @dataclass
-class GeoSharingConfig(MethodConfig):
+class GeoSharingConfig(LowRankConfig):
     name: str = "geo_sharing"
     # roles coloured into sharing classes, by model kind (transformers' model_type; "vit" / "swin" for timm);
     # other kinds use "default"; every other role of the scope is private (one class per layer)
@@ -582,7 +583,7 @@ class GeoSharing(Method):
 
     def rank(self, layout: Layout, role: str, group: Sequence[int]) -> int:
         d_out, d_in = layout.shapes[(role, group[0])]
-        return class_rank(d_in, d_out, len(group), self.cfg.ratio, self.cfg.basis_form)
+        return self.cfg.fit_rank(class_rank(d_in, d_out, len(group), self.cfg.ratio, self.cfg.basis_form))
 
     def check(self, adapter) -> None:
         super().check(adapter)

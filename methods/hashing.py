@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import kernels
 from methods.base import CompressContext, Method, MethodConfig
 from methods.magnitude import kept_count
 from methods.modules import CompressedModule
@@ -113,11 +114,15 @@ def slot_indices(mapping: str, shape: tuple[int, ...], offset: int, m: int, seed
 
 # -- modules -------------------------------------------------------------------------------------------------------
 class _Hashed(CompressedModule):
-    """Weight recovered from the shared ``array`` as scale * sign * array[index]; bias dense."""
+    """Weight recovered from the shared ``array`` as scale * sign * array[index]; bias dense.
+
+    For training the slots and signed scales are cached in the non-persistent buffers ``index`` (int32) and
+    ``coef`` (one value per weight: together twice a dense weight's bytes). ``for_inference()`` drops them for
+    inference: the forward then recomputes the hash inside the matmul (``methods.kernels``; Triton on CUDA)."""
 
     array: nn.Parameter
-    index: torch.Tensor
-    coef: torch.Tensor
+    index: torch.Tensor | None
+    coef: torch.Tensor | None
 
     def _init_hashing(self, shape: tuple[int, ...], array_size: int, offset: int, mapping: str, seed: int,
                       scale: float, tile: list[int], tile_convs: bool, array: nn.Parameter | None) -> None:
@@ -135,12 +140,24 @@ class _Hashed(CompressedModule):
         self.register_buffer("index", torch.from_numpy(idx.reshape(-1).astype(np.int32)).to(array.device),
                              persistent=False)
         self.register_buffer("coef", coef.to(array.device, array.dtype), persistent=False)
+        element_wise = mapping == "roast" and len(shape) > 2 and not tile_convs
+        self.hash_spec = kernels.HashSpec(
+            self.dense_weight_shape, offset, array_size, mapping, self.scale,
+            *(kernels.addend(hash_key(seed, purpose)) for purpose in ("fold", "element", "tile", "sign")),
+            tile=(self.tile[0], self.tile[1]), element_wise=element_wise)
+
+    def for_inference(self) -> None:
+        """Drop the cached slots and signs: the weight is then recomputed from the hash in every forward."""
+        self.index = None
+        self.coef = None
 
     def _hashing_spec(self) -> dict[str, Any]:
         return {"array_size": self.array_size, "offset": self.offset, "mapping": self.mapping, "seed": self.seed,
                 "scale": self.scale, "tile": list(self.tile), "tile_convs": self.tile_convs}
 
     def hashed_weight(self) -> torch.Tensor:
+        if self.index is None:
+            return kernels.hashed_weight(self.hash_spec, self.array)
         return (self.array.index_select(0, self.index) * self.coef).view(self.dense_weight_shape)
 
     def dense_weight(self) -> torch.Tensor:
@@ -148,7 +165,10 @@ class _Hashed(CompressedModule):
 
     def slot_counts(self) -> torch.Tensor:
         """How many of this module's weights read each slot of M, float64 (m,)."""
-        return torch.bincount(self.index.long().cpu(), minlength=self.array_size).double()
+        index = self.index if self.index is not None else torch.from_numpy(slot_indices(
+            self.mapping, self.dense_weight_shape, self.offset, self.array_size, self.seed, tuple(self.tile),
+            self.tile_convs))
+        return torch.bincount(index.reshape(-1).long().cpu(), minlength=self.array_size).double()
 
 
 class HashedLinear(_Hashed):
@@ -165,6 +185,8 @@ class HashedLinear(_Hashed):
             if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return kernels.hashed_linear(x, self.array, self.hash_spec, self.bias)
         return F.linear(x, self.hashed_weight(), self.bias)
 
     def spec(self) -> dict[str, Any]:
@@ -192,6 +214,9 @@ class HashedConv2d(_Hashed):
             if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is None and self.groups == 1 and not isinstance(self.padding, str):
+            return kernels.hashed_conv2d(x, self.array, self.hash_spec, self.bias, self.stride, self.padding,
+                                         self.dilation)
         return F.conv2d(x, self.hashed_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def spec(self) -> dict[str, Any]:

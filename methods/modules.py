@@ -4,7 +4,7 @@ Every compressed module derives from ``CompressedModule`` and tells the accounti
 (``stored_tensors``), what index structures it needs (``index_bytes``), how to rebuild it empty
 (``spec``) and what dense weight it computes (``dense_weight``, for tests and references).
 Parameters shared by several modules are the same ``nn.Parameter`` object, so they are stored,
-counted and moved to a device once.
+counted and moved to a device once. Forwards go through ``methods.kernels`` where a fused kernel exists.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from methods import kernels
 
 MODULE_CLASSES: dict[str, type["CompressedModule"]] = {}
 
@@ -50,6 +52,9 @@ class CompressedModule(nn.Module):
         """The dense weight this module computes with, shape ``dense_weight_shape``."""
         raise NotImplementedError
 
+    def for_inference(self) -> None:
+        """Drop what only training needs (called before measuring when the Triton kernels run); same outputs."""
+
 
 class LowRankLinear(CompressedModule):
     """y = (x V^T) U^T + b with U: (out, rank), V: (rank, in). Replaces an ``nn.Linear`` (out, in)."""
@@ -73,7 +78,7 @@ class LowRankLinear(CompressedModule):
         return m.to(u.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.v), self.u, self.bias)
+        return kernels.lowrank_linear(x, self.v, self.u, self.bias)
 
     def spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,

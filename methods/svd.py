@@ -14,7 +14,27 @@ from runners.errors import ConfigError
 
 
 @dataclass
-class SVDConfig(MethodConfig):
+class LowRankConfig(MethodConfig):
+    """Fields of the methods that store factors (svd, svd_llm, basis_sharing, geo_sharing)."""
+
+    # round every rank down to a multiple of this (GPU tiles want 64 or 128; never below one multiple, which can
+    # keep more than the budget for small matrices: the accounting reports the parameters actually kept); 1: off
+    rank_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank_multiple < 1:
+            raise ConfigError(f"method.rank_multiple={self.rank_multiple} must be >= 1")
+
+    def fit_rank(self, rank: int) -> int:
+        """``rank`` rounded down to a multiple of ``rank_multiple`` (at least one multiple; 0 stays 0)."""
+        if rank < 1 or self.rank_multiple == 1:
+            return rank
+        return max(self.rank_multiple, rank // self.rank_multiple * self.rank_multiple)
+
+
+@dataclass
+class SVDConfig(LowRankConfig):
     name: str = "svd"
     scope: str = "linear"
 
@@ -46,7 +66,7 @@ class SVD(Method):
         ranks = []
         for path, layer in tqdm(scope.items(), desc="svd", disable=not ctx.progress, leave=False):
             matrix = layer.weight.flatten(1)
-            rank = rank_for_ratio(matrix.shape[0], matrix.shape[1], self.cfg.ratio)
+            rank = self.cfg.fit_rank(rank_for_ratio(matrix.shape[0], matrix.shape[1], self.cfg.ratio))
             if rank < 1:
                 raise ConfigError(f"method.ratio={self.cfg.ratio} leaves rank 0 for {path} "
                                   f"({matrix.shape[0]}x{matrix.shape[1]})")

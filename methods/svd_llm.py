@@ -18,17 +18,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from methods.base import METHODS, CompressContext, Method, MethodConfig
+from methods.base import METHODS, CompressContext, Method
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.modules import LowRankLinear
-from methods.svd import rank_for_ratio
+from methods.svd import LowRankConfig, rank_for_ratio
 from runners.errors import ConfigError
 
 DAMPING = 1e-6  # relative to the mean eigenvalue, added above -lambda_min when X^T X is not positive definite
 
 
 @dataclass
-class SVDLLMConfig(MethodConfig):
+class SVDLLMConfig(LowRankConfig):
     name: str = "svd_llm"
 
 
@@ -100,7 +100,7 @@ class SVDLLM(Method):
                 if id(gram) not in factors:
                     factors[id(gram)] = whitening_factor(gram.xtx)
                     damped += factors[id(gram)][1]
-                rank = rank_for_ratio(layer.out_features, layer.in_features, self.cfg.ratio)
+                rank = self.cfg.fit_rank(rank_for_ratio(layer.out_features, layer.in_features, self.cfg.ratio))
                 w = layer.weight
                 basis, (coeff,) = whitened_basis([w], factors[id(gram)][0], rank)
                 adapter.replace(path, LowRankLinear.from_factors(coeff.to(w.device, w.dtype),

@@ -30,7 +30,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from methods import CompressContext, Method, create_method
+from methods import CompressContext, Method, create_method, kernels
+from methods.modules import CompressedModule
 from runners import accounting, measure
 from runners.checkpoint import load_compressed, save_compressed
 from runners.errors import ConfigError
@@ -253,21 +254,28 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
 def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = accounting.compressed_counts(
         model, {s: model.get_submodule(s) for s in scope_paths}, dense_counts)
-    out["weight_bytes"] = measure.weight_bytes(model)
     inputs = p.task.example_inputs()
     items = p.task.items_per_forward()
     mcfg = p.run.measure
     out.update({f"protocol/measure_{k}": v for k, v in asdict(p.run.task.measure).items()})
     out["protocol/measure_device"] = str(p.device)
-    if mcfg.flops:
-        out.update(measure.flops(model, inputs))
-    if mcfg.memory:
-        out.update(measure.peak_memory(model, inputs, p.device))
-    if mcfg.latency:
-        out.update(measure.latency(model, inputs, items, mcfg.warmup, mcfg.min_run_time_s))
-    if mcfg.decode != "none" and p.task.generates:
-        out.update(measure.decode_latency(model, p.task.decode_prompt(mcfg.decode_prompt), mcfg.decode_tokens,
-                                          mcfg.decode, mcfg.warmup))
+    with kernels.backend(mcfg.kernels):
+        fused = kernels.triton_active(p.device)
+        if fused:  # the inference layout: what only training needs leaves the device
+            for module in model.modules():
+                if isinstance(module, CompressedModule):
+                    module.for_inference()
+        out["protocol/kernels"] = "triton" if fused else "torch"
+        out["weight_bytes"] = measure.weight_bytes(model)
+        if mcfg.flops:
+            out.update(measure.flops(model, inputs))
+        if mcfg.memory:
+            out.update(measure.peak_memory(model, inputs, p.device))
+        if mcfg.latency:
+            out.update(measure.latency(model, inputs, items, mcfg.warmup, mcfg.min_run_time_s))
+        if mcfg.decode != "none" and p.task.generates:
+            out.update(measure.decode_latency(model, p.task.decode_prompt(mcfg.decode_prompt), mcfg.decode_tokens,
+                                              mcfg.decode, mcfg.warmup))
     return out
 
 

@@ -17,6 +17,7 @@ import tasks
 from runners.errors import ConfigError
 
 DECODE_MODES = ("none", "eager", "graph")
+KERNEL_CHOICES = ("auto", "torch")
 
 
 @dataclass
@@ -33,10 +34,15 @@ class MeasureConfig:
     decode: str = "eager"
     decode_prompt: int = 32  # prompt tokens prefilled before the timed steps
     decode_tokens: int = 64  # timed steps (after ``warmup`` untimed ones); median and IQR ms/token
+    # auto: compressed layers run the fused Triton kernels on CUDA (hashed layers then drop their training-only
+    # index buffers, see methods.kernels); torch: library kernels only (the naive layout, for comparison)
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"measure.decode={self.decode!r}; valid: {', '.join(DECODE_MODES)}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ConfigError(f"measure.kernels={self.kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
         if self.decode_prompt < 1 or self.decode_tokens < 1 or self.warmup < 0:
             raise ConfigError(f"measure: decode_prompt={self.decode_prompt} and decode_tokens={self.decode_tokens} "
                               f"must be >= 1, warmup={self.warmup} >= 0")

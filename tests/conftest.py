@@ -9,6 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors in Triton's interpreter (test_kernels)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tests.toy  # noqa: E402,F401  (registers the toy task family)
 from runners.schema import register_configs  # noqa: E402

@@ -330,3 +330,29 @@ def test_basis_sharing_run_round_trips_through_safetensors(task_cfg):
     layers = model.model.layers
     assert layers[0].mlp.up_proj.v is layers[1].mlp.up_proj.v and isinstance(layers[1].mlp.up_proj, SharedBasisLinear)
     assert p.task.evaluate(model)["ppl/demo"] == pytest.approx(metrics["ppl/demo"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["svd", "svd_llm", "basis_sharing", "geo_sharing"])
+def test_rank_multiple_rounds_every_rank_down_to_the_hardware_tile(name):
+    """rank_multiple=4: every stored rank is the budget's rank rounded down to a multiple of 4 (never below 4), so
+    the model keeps no more than the budget; rank_multiple=1 is the exact budget."""
+    from methods import METHODS
+    from methods.modules import CompressedModule
+
+    def ranks(multiple):
+        model = tiny_llama()
+        cfg = METHODS.get(name).config_class(ratio=0.5, rank_multiple=multiple)
+        method = create_method(cfg)
+        adapter = LlamaAdapter(model)
+        method.check(adapter)
+        method.apply(model, adapter, ctx())
+        return {path: module.rank for path, module in model.named_modules() if isinstance(module, CompressedModule)
+                and hasattr(module, "rank")}
+
+    exact, rounded = ranks(1), ranks(4)
+    assert exact.keys() == rounded.keys() and exact
+    assert any(r % 4 for r in exact.values())   # the check can fail: some exact ranks are not multiples of 4
+    for path, r in exact.items():
+        assert rounded[path] == max(4, r // 4 * 4), path
+    with pytest.raises(ConfigError, match="rank_multiple=0"):
+        METHODS.get(name).config_class(ratio=0.5, rank_multiple=0)
