@@ -6,13 +6,19 @@ factors of the method's ranks (timing does not depend on the values):
 
 * ``lowrank``: svd / svd_llm, each matrix U (out x r) V (r x in), r = floor((1 - ratio) m n / (m + n));
 * ``basis_sharing``: q, k, v, gate, up share one basis per pair of consecutive layers (Basis Sharing's rank),
-  o and down private low rank; a shared basis is one tensor, resident once.
+  o and down private low rank; a shared basis is one tensor, resident once;
+* ``geo_sharing``: the same roles coloured into K = round(L (1 - ratio)^1.415) classes of non-adjacent layers
+  (layer i in class i mod K, one colouring for every role, as curvature colourings need not be) at the class rank.
+
+``--kernels torch auto`` measures every compressed layout twice: ``torch``, the naive layout (each factor an
+``F.linear``, separate q/k/v GEMMs), and ``auto``, the harness's inference layout (``methods.fuse``: one GEMM for
+the factors that read the same input; ``methods.kernels``: the fused low-rank decode kernel on CUDA).
 
 Measured per layout and ratio: prefill tokens/s at ``--batch x --seqlen`` (``torch.utils.benchmark``), batch-1
 decode ms/token with a static KV cache, eager and with CUDA graphs (``--decode eager graph``), and the resident
 weight bytes. ``--round-ranks 64`` rounds every rank down to a multiple of 64 (what the GPU's tiles want).
 
-    python -m runners.bench_llm_speed --device cuda --out results/bench/llm_speed_h100.json
+    python -m runners.bench_llm_speed --device cuda --round-ranks 64 --out results/bench/llm_speed_h100.json
     python -m runners.bench_llm_speed --hidden 64 --intermediate 160 --layers 2 --heads 4 --vocab 512 \\
         --seqlen 32 --decode eager                                   # a CPU smoke run
 
@@ -31,14 +37,17 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from methods import kernels
 from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis, role_path
+from methods.fuse import fuse_input_groups
+from methods.geo_sharing import num_classes_for
 from methods.modules import LowRankLinear
 from methods.svd import rank_for_ratio
 from runners import measure
 from runners.record import device_info
 from tasks.adapters import LlamaAdapter
 
-LAYOUTS = ("dense", "lowrank", "basis_sharing")
+LAYOUTS = ("dense", "lowrank", "basis_sharing", "geo_sharing")
 SHARED_ROLES = ("q", "k", "v", "gate", "up")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,8 +85,14 @@ def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks
     for role in adapter.roles:
         ref = model.get_submodule(role_path(adapter, role, 0))
         d_out, d_in = ref.weight.shape
-        shared = layout == "basis_sharing" and role in SHARED_ROLES
-        groups = consecutive_groups(n_layers, 2) if shared else [(i,) for i in range(n_layers)]
+        shared = layout in ("basis_sharing", "geo_sharing") and role in SHARED_ROLES
+        if not shared:
+            groups = [(i,) for i in range(n_layers)]
+        elif layout == "basis_sharing":
+            groups = consecutive_groups(n_layers, 2)
+        else:
+            k = num_classes_for(n_layers, ratio, 1.415)
+            groups = [tuple(range(c, n_layers, k)) for c in range(k)]
         for group in groups:
             rank = basis_rank(d_in, d_out, len(group), ratio) if shared else rank_for_ratio(d_out, d_in, ratio)
             rank = _rounded(rank, round_ranks)
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompt", type=int, default=128, help="decode prompt tokens")
     ap.add_argument("--tokens", type=int, default=128, help="timed decode steps")
     ap.add_argument("--decode", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
+    ap.add_argument("--kernels", nargs="+", default=["torch", "auto"], choices=["torch", "auto"],
+                    help="torch: naive layout; auto: fused input groups and Triton kernels (compressed layouts)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed prefills per model")
     ap.add_argument("--out", type=Path, default=Path("results/bench/llm_speed.json"))
@@ -151,11 +168,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not all(0 < r < 1 for r in args.ratios):
         raise SystemExit(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
     rows, dense = [], None
-    for layout in ["dense", *(name for name in args.layouts if name != "dense")]:
-        for ratio in ([0.0] if layout == "dense" else args.ratios):
+    points = [("dense", 0.0, "torch")] + [(layout, ratio, mode) for layout in args.layouts if layout != "dense"
+                                          for ratio in args.ratios for mode in args.kernels]
+    for layout, ratio, mode in points:
+        with kernels.backend(mode):
             model = build_dense(args, device)
             ranks = {} if layout == "dense" else apply_layout(model, layout, ratio, args.round_ranks)
-            row = {"layout": layout, "ratio": ratio, "ranks": ranks, **measure_model(model, args, device)}
+            fused = fuse_input_groups(model, LlamaAdapter(model)) if mode == "auto" else 0
+            row = {"layout": layout, "ratio": ratio, "kernels": mode, "fused_input_groups": fused, "ranks": ranks,
+                   **measure_model(model, args, device)}
             dense = dense or row
             row["removed_of_linear"] = 1 - row["linear_params"] / dense["linear_params"]
             for key in ("weight_bytes", "prefill_tokens_per_s", *(f"decode_{m}_ms" for m in args.decode)):
@@ -169,11 +190,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
-    head = f"{'layout':14s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s} {'prefill tok/s':>13s} {'x':>5s}"
+    head = f"{'layout':14s} {'kernels':7s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s} {'prefill tok/s':>13s} {'x':>5s}"
     head += "".join(f" {'decode ' + m + ' ms':>16s} {'x':>5s}" for m in args.decode)
     print("\n" + head)
     for r in rows:
-        line = (f"{r['layout']:14s} {r['ratio']:5.2f} {r['removed_of_linear']:7.3f} {r['weight_bytes'] / 1e9:10.3f} "
+        line = (f"{r['layout']:14s} {r['kernels']:7s} {r['ratio']:5.2f} {r['removed_of_linear']:7.3f} {r['weight_bytes'] / 1e9:10.3f} "
                 f"{r['weight_bytes_vs_dense']:5.2f} {r['prefill_tokens_per_s']:13.0f} {r['prefill_tokens_per_s_vs_dense']:5.2f}")
         line += "".join(f" {r[f'decode_{m}_ms']:16.3f} {r[f'decode_{m}_ms_vs_dense']:5.2f}" for m in args.decode)
         print(line)

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from methods.basis_sharing import basis_rank
 from runners import bench_llm_speed, bench_train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,12 +16,20 @@ def test_llm_speed_layouts_store_what_the_ratio_says(tmp_path):
                                 "--layers", "4", "--heads", "4", "--vocab", "128", "--seqlen", "16",
                                 "--prompt", "4", "--tokens", "3", "--warmup", "1", "--decode", "eager",
                                 "--min-run-time", "0.01", "--ratios", "0.2", "0.5", "--out", str(tmp_path / "s.json")])
-    rows = {(r["layout"], r["ratio"]): r for r in out["rows"]}
-    assert set(rows) == {("dense", 0.0)} | {(lay, r) for lay in ("lowrank", "basis_sharing") for r in (0.2, 0.5)}
-    for (layout, ratio), r in rows.items():
+    rows = {(r["layout"], r["ratio"], r["kernels"]): r for r in out["rows"]}
+    layouts = ("lowrank", "basis_sharing", "geo_sharing")
+    assert set(rows) == {("dense", 0.0, "torch")} | {(lay, r, k) for lay in layouts for r in (0.2, 0.5)
+                                                     for k in ("torch", "auto")}
+    for (layout, ratio, mode), r in rows.items():
         assert ratio <= r["removed_of_linear"] <= ratio + 0.05, (layout, ratio, r["removed_of_linear"])
         assert r["prefill_tokens_per_s"] > 0 and r["decode_eager_ms"] > 0
-    assert rows[("basis_sharing", 0.5)]["weight_bytes"] < rows[("dense", 0.0)]["weight_bytes"]
+        # the inference layout fuses (q, k, v) and (gate, up) in each of 4 blocks and stores nothing more
+        assert r["fused_input_groups"] == (8 if mode == "auto" else 0), (layout, mode)
+        if mode == "auto":
+            assert r["weight_bytes"] == rows[(layout, ratio, "torch")]["weight_bytes"]
+    assert rows[("basis_sharing", 0.5, "auto")]["weight_bytes"] < rows[("dense", 0.0, "torch")]["weight_bytes"]
+    # geo_sharing's K = round(4 * 0.5^1.415) = 2 classes per role at 0.5 (layers 0, 2 and 1, 3)
+    assert rows[("geo_sharing", 0.5, "torch")]["ranks"]["q"] == basis_rank(64, 64, 2, 0.5)
     assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["layout"] == "dense"
 
 

@@ -321,6 +321,9 @@ def test_basis_sharing_run_round_trips_through_safetensors(task_cfg):
     assert execute(cfg, []) == "done"
     metrics = read_json(p.run_dir / METRICS_JSON)
     assert 0.4 <= metrics["scope/removed_fraction"] <= 0.46
+    n_blocks = len(p.task.build_model(0).model.layers)
+    # measured in the inference layout: (q, k, v) and (gate, up) fused in every block; no Triton on the CPU
+    assert metrics["protocol/fused_input_groups"] == 2 * n_blocks and metrics["protocol/kernels"] == "torch"
     path = p.run_dir / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         keys, aliases = set(f.keys()), json.loads(f.metadata()["aliases"])

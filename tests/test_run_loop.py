@@ -27,7 +27,7 @@ def test_record_schema(toy_cfg):
     rec = json.loads((run_dir / RUN_JSON).read_text())
     assert RUN_KEYS <= set(rec)
     assert rec["status"] == "done" and rec["error"] is None and rec["overrides"] == ["method=svd"]
-    assert rec["config"]["method"] == {"name": "svd", "ratio": 0.5, "scope": "auto"}
+    assert rec["config"]["method"] == {"name": "svd", "ratio": 0.5, "scope": "auto", "rank_multiple": 1}
     assert set(rec["stages"]) == {"load", "dense_eval", "compress", "eval", "measure", "save"}
     assert rec["summary"]["main_metric"] == "mse/toy" and rec["summary"]["scope"] == "prunable"
     assert {"torch", "transformers", "hydra-core"} <= set(rec["packages"])
