@@ -8,8 +8,9 @@ for every block that has the same member bases, so a basis shared by several blo
 group whose bases are shared with differently grouped layers (e.g. a colouring that puts q of blocks 1, 2 and k of
 blocks 2, 3 in classes) is left unfused rather than stored twice.
 
-``fuse_input_groups(model, adapter)`` is applied before measurement (``measure.kernels=auto``); it changes the
-execution, not the function: the fused model's outputs equal the unfused ones up to the GEMMs' summation order.
+``inference_layout(model, adapter, device)`` applies it before measurement (``measure.kernels=auto``) together with
+the kernels' needs; it changes the execution, not the function: outputs equal the unfused model's up to the GEMMs'
+summation order.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.modules import LowRankLinear
+from methods import kernels
+from methods.modules import CompressedModule, LowRankLinear
 
 
 class InputProjection(nn.Module):
@@ -108,3 +110,18 @@ def fuse_input_groups(model: nn.Module, adapter) -> int:
             start += m.rank
         fused += 1
     return fused
+
+
+def inference_layout(model: nn.Module, adapter, device: torch.device) -> dict[str, int | str]:
+    """Put ``model`` in the layout it is measured in under the current kernel backend: ``torch`` leaves the naive
+    (training) layout; otherwise input groups are fused and compressed modules keep only what inference needs
+    (``CompressedModule.for_inference``: hashed layers drop their index buffers, FiPS stores V as CSR), computing
+    with the Triton kernels where they run. Returns the protocol fields to record."""
+    if kernels.current_backend() == "torch":
+        return {"protocol/kernels": "torch", "protocol/fused_input_groups": 0, "protocol/layout": "training"}
+    fused = fuse_input_groups(model, adapter)
+    for module in model.modules():
+        if isinstance(module, CompressedModule):
+            module.for_inference()
+    return {"protocol/kernels": "triton" if kernels.triton_active(device) else "torch",
+            "protocol/fused_input_groups": fused, "protocol/layout": "inference"}

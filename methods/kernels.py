@@ -63,6 +63,10 @@ def backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
+def current_backend() -> str:
+    return _backend
+
+
 def triton_active(device: torch.device) -> bool:
     """Whether tensors on ``device`` take the Triton kernels under the current backend."""
     if _backend == "torch" or triton is None:

@@ -9,6 +9,7 @@ counted and moved to a device once. Forwards go through ``methods.kernels`` wher
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -317,7 +318,41 @@ class SharedFactorLinear(CompressedModule):
             m.bias = nn.Parameter(bias.detach().to(basis.device, basis.dtype, copy=True))
         return m
 
+    def for_inference(self) -> None:
+        """Store V compressed: CSR of V (rank x cols) or, for transposed layers, of V^T (cols x rank), int32
+        indices; the dense V and its mask leave the module. The forward then multiplies by the sparse factor."""
+        v = self.v.masked_weight().detach()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = (v.T if self.transposed else v).contiguous().to_sparse_csr()
+        self.v = None
+        self.register_buffer("v_values", csr.values(), persistent=False)
+        self.register_buffer("v_crow", csr.crow_indices().to(torch.int32), persistent=False)
+        self.register_buffer("v_col", csr.col_indices().to(torch.int32), persistent=False)
+        self.v_shape = tuple(csr.shape)
+
+    def _sparse_v(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.v_crow, self.v_col, self.v_values, self.v_shape, check_invariants=False)
+
+    def _sparse_mm(self, dense: torch.Tensor) -> torch.Tensor:
+        """(sparse V or V^T) @ ``dense``; in fp32 where the library has no half-precision sparse kernel (CPU)."""
+        v = self._sparse_v()
+        if dense.device.type == "cpu" and dense.dtype not in (torch.float32, torch.float64):
+            return torch.sparse.mm(v.to(torch.float32), dense.float()).to(dense.dtype)
+        return torch.sparse.mm(v, dense)
+
+    def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.transposed:  # y = (x U) V: (V^T (x U)^T)^T
+            y = self._sparse_mm(F.linear(x2, self.u.T).T).T
+            y = y + self.bias if self.bias is not None else y
+        else:  # y = (x V^T) U^T: (V x^T)^T U^T
+            y = F.linear(self._sparse_mm(x2.T).T, self.u, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.v is None:
+            return self._sparse_forward(x)
         v = self.v.effective()
         d, cols = self.u.shape[0], v.shape[1]
         rows = x.numel() // max(x.shape[-1], 1)
@@ -343,6 +378,9 @@ class SharedFactorLinear(CompressedModule):
                 "transposed": self.transposed, "bias": self.bias is not None}
 
     def dense_weight(self) -> torch.Tensor:
+        if self.v is None:
+            v = self._sparse_v().to_dense()
+            return (self.u @ v.T).T if self.transposed else self.u @ v
         w = self.u @ self.v.masked_weight()
         return w.T if self.transposed else w
 

@@ -39,7 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from methods import kernels
 from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis, role_path
-from methods.fuse import fuse_input_groups
+from methods.fuse import inference_layout
 from methods.geo_sharing import num_classes_for
 from methods.modules import LowRankLinear
 from methods.svd import rank_for_ratio
@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with kernels.backend(mode):
             model = build_dense(args, device)
             ranks = {} if layout == "dense" else apply_layout(model, layout, ratio, args.round_ranks)
-            fused = fuse_input_groups(model, LlamaAdapter(model)) if mode == "auto" else 0
-            row = {"layout": layout, "ratio": ratio, "kernels": mode, "fused_input_groups": fused, "ranks": ranks,
+            protocol = inference_layout(model, LlamaAdapter(model), device)
+            row = {"layout": layout, "ratio": ratio, "kernels": mode, "ran": protocol["protocol/kernels"],
+                   "fused_input_groups": protocol["protocol/fused_input_groups"], "ranks": ranks,
                    **measure_model(model, args, device)}
             dense = dense or row
             row["removed_of_linear"] = 1 - row["linear_params"] / dense["linear_params"]

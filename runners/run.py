@@ -31,8 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from methods import CompressContext, Method, create_method, kernels
-from methods.fuse import fuse_input_groups
-from methods.modules import CompressedModule
+from methods.fuse import inference_layout
 from runners import accounting, measure
 from runners.checkpoint import load_compressed, save_compressed
 from runners.errors import ConfigError
@@ -261,14 +260,7 @@ def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict
     out.update({f"protocol/measure_{k}": v for k, v in asdict(p.run.task.measure).items()})
     out["protocol/measure_device"] = str(p.device)
     with kernels.backend(mcfg.kernels):
-        if mcfg.kernels == "auto":  # the inference layout; measure.kernels=torch keeps the naive one
-            out["protocol/fused_input_groups"] = fuse_input_groups(model, adapter)
-        triton_path = kernels.triton_active(p.device)
-        if triton_path:  # what only training needs leaves the device
-            for module in model.modules():
-                if isinstance(module, CompressedModule):
-                    module.for_inference()
-        out["protocol/kernels"] = "triton" if triton_path else "torch"
+        out.update(inference_layout(model, adapter, p.device))
         out["weight_bytes"] = measure.weight_bytes(model)
         if mcfg.flops:
             out.update(measure.flops(model, inputs))

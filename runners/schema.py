@@ -34,9 +34,9 @@ class MeasureConfig:
     decode: str = "eager"
     decode_prompt: int = 32  # prompt tokens prefilled before the timed steps
     decode_tokens: int = 64  # timed steps (after ``warmup`` untimed ones); median and IQR ms/token
-    # auto: the inference layout: low-rank layers reading one input share one GEMM (methods.fuse) and, on CUDA,
-    # compressed layers run the Triton kernels (hashed layers drop their training-only index buffers; see
-    # methods.kernels); torch: the naive layout with library kernels only, for comparison
+    # auto: the inference layout (methods.fuse.inference_layout): low-rank layers reading one input share one GEMM,
+    # hashed layers drop their index buffers (hash recomputed per forward), FiPS stores V as CSR, and on CUDA the
+    # Triton kernels run (methods.kernels); torch: the naive training layout with library kernels, for comparison
     kernels: str = "auto"
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods.basis_sharing import basis_rank
-from runners import bench_llm_speed, bench_train_step
+from runners import bench_llm_speed, bench_train_step, bench_vision_speed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,3 +52,17 @@ def test_train_step_benchmark_runs(tmp_path):
                                  "--out", str(tmp_path / "t.json")])
     assert [(r["method"], r["ratio"]) for r in out["rows"]] == [("dense", 0.0), ("stable_rps", 0.9)]
     assert all(r["step_ms"] > 0 for r in out["rows"])
+
+
+def test_vision_speed_benchmark_measures_dense_and_each_kernel_choice(tmp_path):
+    out = bench_vision_speed.main(["--device", "cpu", "--models", "resnet20", "deit_base", "--batch", "2",
+                                   "--warmup", "1", "--min-run-time", "0.01", "--out", str(tmp_path / "v.json"),
+                                   "--vit-kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, '
+                                                   '"num_heads": 2}'])
+    rows = {(r["model"], r["method"], r["kernels"]): r for r in out["rows"]}
+    assert set(rows) == {(m, meth, k) for m, c in (("resnet20", "stable_rps"), ("deit_base", "fips"))
+                         for meth, k in (("dense", "torch"), (c, "torch"), (c, "auto"))}
+    assert all(r["images_per_s"] > 0 and r["ran"] == "torch" for r in out["rows"])   # no Triton on the CPU
+    # fips at a 0.5 MLP budget stores less; stable_rps's training-time index buffers stay resident without Triton
+    assert rows[("deit_base", "fips", "auto")]["weight_bytes_vs_dense"] < 1
+    assert rows[("resnet20", "stable_rps", "torch")]["weight_bytes_vs_dense"] > 2

@@ -167,3 +167,27 @@ def test_kernel_choice_is_checked_before_any_compute():
 
     with pytest.raises(ConfigError, match="measure.kernels='fast'"):
         MeasureConfig(kernels="fast")
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_fips_inference_layout_stores_v_as_csr_with_the_same_outputs(transposed):
+    from methods.modules import SharedFactorLinear
+
+    g = torch.Generator().manual_seed(4)
+    d, rank, cols = 24, 16, 40
+    basis = nn.Parameter(torch.randn(d, rank, generator=g))
+    layer = SharedFactorLinear.from_shared(basis, torch.randn(rank, cols, generator=g), torch.randn(d if not
+                                           transposed else cols, generator=g), transposed)
+    layer.v.set_mask(torch.rand(rank, cols, generator=g) > 0.75)
+    x = torch.randn(3, 5, layer.in_features, generator=g)
+    with torch.no_grad():
+        expected, w = layer(x), layer.dense_weight()
+        before = weight_bytes(layer)
+        layer.for_inference()
+        assert layer.v is None
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.dense_weight(), w)
+    nnz = layer.v_values.numel()
+    assert 0.15 * rank * cols < nnz < 0.35 * rank * cols
+    # dense V (4 bytes) + mask (1 byte) per entry became value + column index per non-zero
+    assert before - weight_bytes(layer) == rank * cols * 5 - nnz * 8 - (layer.v_shape[0] + 1) * 4

@@ -1,0 +1,139 @@
+"""Inference images/s and resident weight bytes of compressed vision models against the dense model.
+
+Random weights (timing does not depend on the values), no data:
+
+* ``resnet20`` / ``vgg11`` (the CIFAR variants, 32 x 32 inputs): dense, and ``stable_rps`` (RANDOMFOLD, one shared
+  array for every conv and linear weight) at ``--hashed-ratio`` (0.9 = 10x);
+* ``deit_base`` (timm ``deit_base_patch16_224``, ``pretrained=False``; ``--vit-kwargs`` for a smaller ViT): dense, and
+  ``fips`` at ``--fips-ratio`` of the MLP weights with V ``--sparsity`` sparse (SVD initialisation and magnitude
+  pruning: the stored structure of a reconstructed model, without the reconstruction).
+
+Every compressed model is measured under each ``--kernels`` choice: ``torch``, the naive layout (hashed weights
+gathered through a resident index into a dense weight before the library conv/GEMM; FiPS's V dense with its
+mask), and ``auto``, the harness's inference layout (``methods.fuse.inference_layout``: no index buffers, the hash
+recomputed per forward, on CUDA inside a Triton matmul or implicit-GEMM conv so no dense weight exists; FiPS's V
+stored and multiplied as CSR).
+
+    python -m runners.bench_vision_speed --device cuda --out results/bench/vision_speed_h100.json
+    python -m runners.bench_vision_speed --device cpu --models resnet20 --kernels torch --batch 16   # CPU smoke
+
+Prints a table (and each figure's ratio to its dense model) and writes it as JSON with the device, date and settings.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods import kernels
+from methods.fips import FiPSConfig, install_factorised, plan_groups
+from methods.fuse import inference_layout
+from methods.hashing import HashingConfig, share_weights
+from methods.sparse_training import Sparsifier
+from runners import measure
+from runners.record import device_info
+from tasks.adapters import create_adapter
+from tasks.models.cifar import resnet, vgg
+
+MODELS = ("resnet20", "vgg11", "deit_base")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...]]:
+    """A model with random weights (seed 0) and its input shape (C, H, W)."""
+    torch.manual_seed(0)
+    if name == "resnet20":
+        return resnet(20), (3, 32, 32)
+    if name == "vgg11":
+        return vgg(11), (3, 32, 32)
+    import timm
+
+    model = timm.create_model("deit_base_patch16_224", pretrained=False, **args.vit_kwargs)
+    return model, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+
+
+def compress(name: str, model: nn.Module, args: argparse.Namespace) -> tuple[str, float]:
+    """Apply the model's method in place; returns (method, ratio)."""
+    adapter = create_adapter(model)
+    if name == "deit_base":
+        cfg = FiPSConfig(ratio=args.fips_ratio, sparsity=args.sparsity)
+        modules, _ = install_factorised(model, adapter, plan_groups(adapter, cfg), cfg.overcomplete_tau)
+        Sparsifier([m.v for m in modules], args.sparsity).prepare()
+        return "fips", args.fips_ratio
+    scope = adapter.scope("prunable")
+    n = sum(layer.weight.numel() for layer in scope.values())
+    share_weights(adapter, scope, n - round(args.hashed_ratio * n), HashingConfig(name="stable_rps"), 0,
+                  torch.Generator().manual_seed(0))
+    return "stable_rps", args.hashed_ratio
+
+
+def measure_model(model: nn.Module, shape: tuple[int, ...], args: argparse.Namespace,
+                  device: torch.device) -> dict[str, Any]:
+    x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(1)).to(device, DTYPES[args.dtype])
+    with torch.no_grad():
+        timing = measure.latency(model, (x,), args.batch, args.warmup, args.min_run_time)
+    return {"weight_bytes": measure.weight_bytes(model), "images_per_s": timing["throughput"],
+            "batch_ms": timing["latency_ms"], "batch_iqr_ms": timing["latency_iqr_ms"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--kernels", nargs="+", default=["torch", "auto"], choices=["torch", "auto"])
+    ap.add_argument("--hashed-ratio", type=float, default=0.9, help="stable_rps: fraction of weights removed")
+    ap.add_argument("--fips-ratio", type=float, default=0.5, help="fips: fraction of MLP weights removed")
+    ap.add_argument("--sparsity", type=float, default=0.75, help="fips: sparsity of every V")
+    ap.add_argument("--vit-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed batches per model")
+    ap.add_argument("--out", type=Path, default=Path("results/bench/vision_speed.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    if not (0 < args.hashed_ratio < 1 and 0 < args.fips_ratio < 1 and 0 <= args.sparsity < 1):
+        raise SystemExit("--hashed-ratio and --fips-ratio must be in (0, 1), --sparsity in [0, 1)")
+    rows = []
+    for name in args.models:
+        dense = None
+        for compressed, mode in [(False, "torch"), *((True, m) for m in args.kernels)]:
+            with kernels.backend(mode):
+                model, shape = build(name, args)
+                model = model.to(device)
+                method, ratio = compress(name, model, args) if compressed else ("dense", 0.0)
+                model = model.to(dtype=DTYPES[args.dtype]).eval()
+                protocol = inference_layout(model, create_adapter(model), device)
+                row = {"model": name, "method": method, "ratio": ratio, "kernels": mode,
+                       "ran": protocol["protocol/kernels"], **measure_model(model, shape, args, device)}
+            dense = dense or row
+            for key in ("weight_bytes", "images_per_s"):
+                row[f"{key}_vs_dense"] = row[key] / dense[key]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"\n{'model':10s} {'method':10s} {'ratio':>5s} {'kernels':7s} {'ran':6s} {'weights MB':>10s} {'x':>5s} "
+          f"{'images/s':>10s} {'x':>5s}")
+    for r in rows:
+        print(f"{r['model']:10s} {r['method']:10s} {r['ratio']:5.2f} {r['kernels']:7s} {r['ran']:6s} "
+              f"{r['weight_bytes'] / 1e6:10.2f} {r['weight_bytes_vs_dense']:5.2f} {r['images_per_s']:10.1f} "
+              f"{r['images_per_s_vs_dense']:5.2f}")
+    print(f"device: {out['device'].get('gpu') or out['device']['cpu']}, {out['date']}; written to {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
