@@ -120,7 +120,7 @@ def inference_layout(model: nn.Module, adapter, device: torch.device) -> dict[st
     if kernels.current_backend() == "torch":
         return {"protocol/kernels": "torch", "protocol/fused_input_groups": 0, "protocol/layout": "training"}
     fused = fuse_input_groups(model, adapter)
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, CompressedModule):
             module.for_inference()
     return {"protocol/kernels": "triton" if kernels.triton_active(device) else "torch",

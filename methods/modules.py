@@ -141,7 +141,7 @@ def _pair(x) -> tuple[int, int]:
 class _Masked(CompressedModule):
     """Unstructured sparsity: ``weight * mask``; the stored size is nnz(mask), the mask costs one bit per weight."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
     def _init_mask(self) -> None:
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
@@ -157,7 +157,14 @@ class _Masked(CompressedModule):
         self.weight.mul_(self.mask)
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    @torch.no_grad()
+    def for_inference(self) -> None:
+        """Fold the mask into the weight (pruned entries become exact zeros) and drop it: the forward is then a
+        dense layer's, with no per-call masking (unstructured sparsity gains no speed from dense kernels)."""
+        self.enforce_mask()
+        self.mask = None
 
     def stored_tensors(self, weights_only: bool = False) -> list[tuple[torch.Tensor, int]]:
         out = [(self.masked_weight(), int(self.mask.sum()))]

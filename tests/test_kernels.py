@@ -191,3 +191,17 @@ def test_fips_inference_layout_stores_v_as_csr_with_the_same_outputs(transposed)
     assert 0.15 * rank * cols < nnz < 0.35 * rank * cols
     # dense V (4 bytes) + mask (1 byte) per entry became value + column index per non-zero
     assert before - weight_bytes(layer) == rank * cols * 5 - nnz * 8 - (layer.v_shape[0] + 1) * 4
+
+
+def test_pruned_layers_fold_their_mask_for_inference():
+    from methods.modules import MaskedConv2d, MaskedLinear
+
+    for layer, x in ((MaskedLinear.from_dense(nn.Linear(12, 7)), torch.randn(3, 12)),
+                     (MaskedConv2d.from_dense(nn.Conv2d(3, 4, 3, padding=1)), torch.randn(2, 3, 6, 6))):
+        layer.set_mask(torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.6)
+        with torch.no_grad():
+            layer.weight.add_(1.0)   # as an optimizer step would, before the mask is enforced again
+            expected = layer(x)
+            layer.for_inference()
+            assert layer.mask is None
+            torch.testing.assert_close(layer(x), expected)
