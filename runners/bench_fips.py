@@ -18,7 +18,6 @@ Prints a table and writes it as JSON with the device, date, torch version and se
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import statistics
@@ -31,7 +30,7 @@ import torch
 from methods.fips import (CACHE_DTYPES, FiPSConfig, block_loss_step, capture_block_io, install_factorised,
                           plan_groups, train_steps)
 from methods.sparse_training import make_sparsifier
-from runners.record import device_info
+from runners.record import write_benchmark
 from tasks.adapters import create_adapter
 
 
@@ -139,10 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--steps, --images and --batch-size must be >= 1")
     r = bench(args.model, json.loads(args.model_kwargs), args.images, args.batch_size, args.steps, args.ratio,
               args.sparsity, args.sparsifier, args.update_every, args.cache_dtype, args.cache_device, device)
-    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
-           "result": r}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    out = write_benchmark(args.out, device, vars(args), result=r)
     rows = [("model", r["model"]), ("blocks / groups", f"{r['blocks']} / {len(r['groups'])}"),
             ("ranks", ", ".join(map(str, r["ranks"]))),
             ("images x tokens", f"{r['images']} x {r['tokens_per_image']} (batch {r['batch_size']})"),

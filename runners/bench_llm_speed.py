@@ -27,7 +27,6 @@ Prints a table (and each figure's ratio to dense) and writes it as JSON with the
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 from pathlib import Path
@@ -44,7 +43,7 @@ from methods.geo_sharing import num_classes_for
 from methods.modules import LowRankLinear
 from methods.svd import rank_for_ratio
 from runners import measure
-from runners.record import device_info
+from runners.record import write_benchmark
 from tasks.adapters import LlamaAdapter
 
 LAYOUTS = ("dense", "lowrank", "basis_sharing", "geo_sharing")
@@ -187,10 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    out = write_benchmark(args.out, device, vars(args), rows=rows)
     head = f"{'layout':14s} {'kernels':7s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s} {'prefill tok/s':>13s} {'x':>5s}"
     head += "".join(f" {'decode ' + m + ' ms':>16s} {'x':>5s}" for m in args.decode)
     print("\n" + head)

@@ -13,8 +13,6 @@ date, torch version and settings.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from methods import METHODS, CompressContext
-from runners.record import device_info
+from runners.record import write_benchmark
 from tasks.adapters import create_adapter
 from tasks.models import resnet, vgg
 
@@ -107,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 del model, m
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "batch_size": args.batch_size,
-           "input": [3, 32, 32], "device": device_info(device), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    out = write_benchmark(args.out, device, vars(args), input=[3, 32, 32], rows=rows)
     print(f"\n{'arch':9s} {'method':11s} {'ratio':>7s} {'ms/step':>10s} {'IQR':>8s} {'x dense':>8s}")
     for r in rows:
         print(f"{r['arch']:9s} {r['method']:11s} {r['ratio']:7.4f} {r['step_ms']:10.2f} {r['step_iqr_ms']:8.2f} "

@@ -22,7 +22,6 @@ Prints a table (and each figure's ratio to its dense model) and writes it as JSO
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from methods.fuse import inference_layout
 from methods.hashing import HashingConfig, share_weights
 from methods.sparse_training import Sparsifier
 from runners import measure
-from runners.record import device_info
+from runners.record import write_benchmark
 from tasks.adapters import create_adapter
 from tasks.models.cifar import resnet, vgg
 
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    out = write_benchmark(args.out, device, vars(args), rows=rows)
     print(f"\n{'model':10s} {'method':10s} {'ratio':>5s} {'kernels':7s} {'ran':6s} {'weights MB':>10s} {'x':>5s} "
           f"{'images/s':>10s} {'x':>5s}")
     for r in rows:

@@ -159,6 +159,16 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def write_benchmark(path: Path, device: torch.device, settings: dict[str, Any], **results: Any) -> dict[str, Any]:
+    """A benchmark's JSON (date, torch version, device, settings and ``results``), written atomically; returned."""
+    import datetime
+
+    out = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_info(device),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}, **results}
+    write_json_atomic(path, out)
+    return out
+
+
 def slurm_ids() -> dict[str, str] | None:
     keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
             "restart_count": "SLURM_RESTART_COUNT", "node": "SLURMD_NODENAME"}
