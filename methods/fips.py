@@ -77,6 +77,7 @@ class FiPSConfig(MethodConfig):
     rank: int | None = None  # fixed rank for every group instead of the budget formula (ablations, tests)
     rank_formula: str = "exact"  # exact | official (assumes d_ff = 4d)
     rank_multiple: int = 1  # round r down to a multiple (the official structured_sparsity uses 64)
+    sparsity_block: int = 1  # b > 1: V pruned and regrown in b x b blocks (block-sparse inference kernels)
     overcomplete_tau: float = 32.0
     objective: str = "auto"  # auto (mlp for LLaMA-type models, block otherwise) | block | mlp
     epochs: int | None = None  # passes over the calibration batches; null: 20 (block), 40 (mlp)
@@ -119,7 +120,8 @@ class FiPSConfig(MethodConfig):
                            ("finetune_params", ("all", "fips"))):
             if getattr(self, key) not in valid:
                 bad.append(f"method.{key}={getattr(self, key)!r}; valid: {', '.join(valid)}")
-        positive = {"rank_multiple": self.rank_multiple, "batch_size": self.batch_size,
+        positive = {"rank_multiple": self.rank_multiple, "sparsity_block": self.sparsity_block,
+                    "batch_size": self.batch_size,
                     "tokens_per_step": self.tokens_per_step, "update_every": self.update_every,
                     "finetune_batch_size": self.finetune_batch_size}
         for key in ("group_size", "rank", "calib_images"):
@@ -280,8 +282,13 @@ def plan_groups(adapter: ModelAdapter, cfg: FiPSConfig) -> list[Group]:
         if len({m.d for m in members}) > 1:
             raise ConfigError(f"fips: the MLPs of blocks {blocks} differ in width d; a group shares one basis")
         d, cols = members[0].d, sum(m.cols for m in members)
+        multiple = math.lcm(cfg.rank_multiple, cfg.sparsity_block)  # block-sparse V needs whole blocks of rank
         rank = cfg.rank if cfg.rank is not None else group_rank(d, cols, len(members), 1.0 - cfg.ratio,
-                                                                cfg.sparsity, cfg.rank_formula, cfg.rank_multiple)
+                                                                cfg.sparsity, cfg.rank_formula, multiple)
+        uneven = sorted({n for n in (rank, *(m.cols for m in members)) if n % cfg.sparsity_block})
+        if uneven:
+            raise ConfigError(f"method.sparsity_block={cfg.sparsity_block} must divide the rank and every MLP width; "
+                              f"{uneven} in the group of blocks {blocks} do not")
         if rank < 1:
             raise ConfigError(f"method.ratio={cfg.ratio} with sparsity {cfg.sparsity} leaves rank 0 for the group "
                               f"of blocks {blocks} (d={d})")
@@ -594,7 +601,7 @@ class FiPS(Method):
         return make_sparsifier(kind, factors, c.sparsity, steps, update_every=c.update_every, end=c.update_end,
                                rigl_drop_fraction=c.rigl_drop_fraction, gmp_initial=c.gmp_initial,
                                gmp_accelerated=c.gmp_accelerated, gmp_accel_at=c.gmp_accel_at,
-                               gmp_quirk=c.gmp_quirk)
+                               gmp_quirk=c.gmp_quirk, block=c.sparsity_block)
 
     def _block_stage(self, model, adapter, groups, recipe, ctx):
         """All groups at once: teacher cache, SVD init, joint block-wise reconstruction."""

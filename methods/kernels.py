@@ -4,6 +4,8 @@
   decode) one fused Triton kernel reads V and U once each: every program reduces a block of the rank dimension,
   h_b = V_b x, and adds U[:, b] h_b into the fp32 output (so the (rows, rank) intermediate never leaves registers
   and the two skinny GEMVs are one launch). More rows: two library GEMMs.
+* ``sparse_matmul``: x S with S^T stored as CSR or, for block-structured factors (FiPS with ``sparsity_block``),
+  BSR; on CUDA a Triton kernel multiplies only the stored b x b blocks.
 * ``hashed_linear`` / ``hashed_conv2d``: a layer whose weight is read from a shared array (``methods.hashing``),
   W[t] = scale * sign(L + t) * M[h(L + t)]. The Triton kernels are ROAST-MM-style matmuls (the convolution an
   implicit GEMM): each weight tile is recomputed from the hash inside the kernel and gathered from M into
@@ -96,6 +98,29 @@ def lowrank_linear(x: torch.Tensor, v: torch.Tensor, u: torch.Tensor, bias: torc
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], d_out)
+
+
+# -- sparse factors ------------------------------------------------------------------------------------------------
+def sparse_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """x @ S for x (rows, K), where S^T (``shape`` = (N, K)) is stored compressed by rows: CSR (``values`` 1-D) or
+    BSR (``values`` (nnz blocks, b, b): the blocks of S^T). BSR on CUDA runs a Triton kernel that visits only the
+    stored blocks; otherwise the library's sparse matmul (in fp32 where the CPU has no half-precision kernel)."""
+    n_out, k = shape
+    if values.dim() == 3 and _use_triton(x) and values.shape[1] >= 16:
+        b = values.shape[1]
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
+        block_m = 16 if x.shape[0] <= 16 else 64
+        _bsr_matmul_kernel[(triton.cdiv(x.shape[0], block_m), n_out // b)](
+            x, crow, col, values, y, x.shape[0], k, n_out, B=b, BLOCK_M=block_m,
+            F32_DOT=x.dtype == torch.float32 or _INTERPRETED)
+        return y
+    make = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
+    st = make(crow, col, values, shape, check_invariants=False)
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        return torch.sparse.mm(st.to(torch.float32), x.T.float()).T.to(x.dtype)
+    return torch.sparse.mm(st, x.T).T
 
 
 # -- hashed weights ------------------------------------------------------------------------------------------------
@@ -314,3 +339,28 @@ if triton is not None:
         else:
             y_off = rows[:, None].to(tl.int64) * D_OUT + o[None, :]
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
+
+    @triton.jit
+    def _bsr_matmul_kernel(x_ptr, crow_ptr, col_ptr, blk_ptr, y_ptr, ROWS, K, N, B: tl.constexpr,
+                           BLOCK_M: tl.constexpr, F32_DOT: tl.constexpr):
+        """Program (row tile, n): y[rows, n-th block of B columns] = sum over the stored blocks (n, kb) of S^T of
+        x[rows, kb-th block] @ block^T."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        nb = tl.program_id(1)
+        row_ok = rows < ROWS
+        i = tl.arange(0, B)
+        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+        start = tl.load(crow_ptr + nb).to(tl.int64)
+        count = tl.load(crow_ptr + nb + 1) - tl.load(crow_ptr + nb)
+        for j in range(0, count):
+            p = start + j
+            kb = tl.load(col_ptr + p).to(tl.int64)
+            xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + kb * B + i[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            blk = tl.load(blk_ptr + p * B * B + i[:, None] * B + i[None, :])
+            if F32_DOT:
+                acc += tl.dot(xt.to(tl.float32), tl.trans(blk.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(blk))
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * N + nb * B + i[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])

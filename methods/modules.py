@@ -134,6 +134,18 @@ class LowRankConv2d(CompressedModule):
         return (self.u.flatten(1) @ self.v.flatten(1)).view(self.dense_weight_shape)
 
 
+def _block_size(nonzero: torch.Tensor) -> int:
+    """The largest b in (64, 32, 16) such that every b x b block of ``nonzero`` (bool, 2-D) is all True or all
+    False; 1 if none."""
+    rows, cols = nonzero.shape
+    for b in (64, 32, 16):
+        if rows % b == 0 and cols % b == 0:
+            blocks = nonzero.reshape(rows // b, b, cols // b, b)
+            if torch.equal(blocks.any(3).any(1), blocks.all(3).all(1)):
+                return b
+    return 1
+
+
 def _pair(x) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else tuple(x)
 
@@ -326,35 +338,29 @@ class SharedFactorLinear(CompressedModule):
         return m
 
     def for_inference(self) -> None:
-        """Store V compressed: CSR of V (rank x cols) or, for transposed layers, of V^T (cols x rank), int32
-        indices; the dense V and its mask leave the module. The forward then multiplies by the sparse factor."""
-        v = self.v.masked_weight().detach()
+        """Store V compressed with int32 indices: BSR when its mask is block-constant (b = 64, 32 or 16: FiPS's
+        ``sparsity_block``), else CSR; of V (rank x cols), or of V^T (cols x rank) for transposed layers. The dense
+        V and its mask leave the module; the forward multiplies by the sparse factor (``kernels.sparse_matmul``)."""
+        v, mask = self.v.masked_weight().detach(), self.v.mask
+        st = (v.T if self.transposed else v).contiguous()   # S^T, where the forward multiplies by S
+        block = _block_size(mask.T if self.transposed else mask)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            csr = (v.T if self.transposed else v).contiguous().to_sparse_csr()
+            sparse = st.to_sparse_bsr((block, block)) if block > 1 else st.to_sparse_csr()
         self.v = None
-        self.register_buffer("v_values", csr.values(), persistent=False)
-        self.register_buffer("v_crow", csr.crow_indices().to(torch.int32), persistent=False)
-        self.register_buffer("v_col", csr.col_indices().to(torch.int32), persistent=False)
-        self.v_shape = tuple(csr.shape)
-
-    def _sparse_v(self) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.v_crow, self.v_col, self.v_values, self.v_shape, check_invariants=False)
-
-    def _sparse_mm(self, dense: torch.Tensor) -> torch.Tensor:
-        """(sparse V or V^T) @ ``dense``; in fp32 where the library has no half-precision sparse kernel (CPU)."""
-        v = self._sparse_v()
-        if dense.device.type == "cpu" and dense.dtype not in (torch.float32, torch.float64):
-            return torch.sparse.mm(v.to(torch.float32), dense.float()).to(dense.dtype)
-        return torch.sparse.mm(v, dense)
+        self.register_buffer("v_values", sparse.values(), persistent=False)
+        self.register_buffer("v_crow", sparse.crow_indices().to(torch.int32), persistent=False)
+        self.register_buffer("v_col", sparse.col_indices().to(torch.int32), persistent=False)
+        self.v_shape = tuple(st.shape)
 
     def _sparse_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.transposed:  # y = (x U) V: (V^T (x U)^T)^T
-            y = self._sparse_mm(F.linear(x2, self.u.T).T).T
+        if self.transposed:  # y = (x U) V
+            y = kernels.sparse_matmul(F.linear(x2, self.u.T), self.v_crow, self.v_col, self.v_values, self.v_shape)
             y = y + self.bias if self.bias is not None else y
-        else:  # y = (x V^T) U^T: (V x^T)^T U^T
-            y = F.linear(self._sparse_mm(x2.T).T, self.u, self.bias)
+        else:  # y = (x V^T) U^T
+            y = F.linear(kernels.sparse_matmul(x2, self.v_crow, self.v_col, self.v_values, self.v_shape), self.u,
+                         self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,8 +392,9 @@ class SharedFactorLinear(CompressedModule):
 
     def dense_weight(self) -> torch.Tensor:
         if self.v is None:
-            v = self._sparse_v().to_dense()
-            return (self.u @ v.T).T if self.transposed else self.u @ v
+            eye = torch.eye(self.v_shape[1], dtype=self.u.dtype, device=self.u.device)
+            st = kernels.sparse_matmul(eye, self.v_crow, self.v_col, self.v_values, self.v_shape).T  # S^T
+            return (self.u @ st.T).T if self.transposed else self.u @ st
         w = self.u @ self.v.masked_weight()
         return w.T if self.transposed else w
 

@@ -37,36 +37,63 @@ SPARSIFIERS = ("magnitude", "rigl", "gmp")
 
 
 class Sparsifier:
-    """Masks of ``factors`` kept at a global sparsity (fraction of zeros over all their entries)."""
+    """Masks of ``factors`` kept at a global sparsity (fraction of zeros over all their entries).
 
-    def __init__(self, factors: Sequence[MaskedFactor], sparsity: float):
+    ``block`` = b > 1 prunes and regrows whole b x b blocks (scored by the sum of |w| or |grad| over the block), so
+    every mask is block-constant and V can run as a block-sparse matrix (``SharedFactorLinear.for_inference``);
+    the sparsity is then exact in blocks. Every factor's shape must be a multiple of b."""
+
+    def __init__(self, factors: Sequence[MaskedFactor], sparsity: float, block: int = 1):
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sparsity={sparsity} must be in [0, 1)")
         self.factors = list(factors)
         self.target = float(sparsity)
-        self.total = sum(f.weight.numel() for f in self.factors)
+        self.block = int(block)
+        uneven = [tuple(f.weight.shape) for f in self.factors if any(n % self.block for n in f.weight.shape)]
+        if self.block < 1 or uneven:
+            raise ConfigError(f"sparsity block {block} must be >= 1 and divide every factor's shape; {uneven[:3]} "
+                              f"do not divide (round the rank to a multiple of the block)")
+        self.total = sum(f.weight.numel() for f in self.factors) // self.block ** 2   # units: entries or blocks
         self.updates = 0
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        """Per unit (entry, or b x b block) of a factor-shaped tensor: |x| summed (float64), or any() for masks."""
+        b = self.block
+        if b == 1:
+            return x if x.dtype == torch.bool else x.detach().abs().to(torch.float64)
+        blocks = x.reshape(x.shape[0] // b, b, x.shape[1] // b, b)
+        return blocks.any(3).any(1) if x.dtype == torch.bool else blocks.detach().abs().to(torch.float64).sum((1, 3))
+
+    def expand(self, unit_mask: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return unit_mask if b == 1 else unit_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+    def set_unit_masks(self, unit_masks: Sequence[torch.Tensor]) -> None:
+        for f, m in zip(self.factors, unit_masks):
+            f.set_mask(self.expand(m.view(f.weight.shape[0] // self.block, -1)))
+
+    def active_units(self) -> int:
+        return sum(int(self.units(f.mask).sum()) for f in self.factors)
+
     def nnz(self) -> int:
         return sum(int(f.mask.sum()) for f in self.factors)
 
     def sparsity(self) -> float:
-        return 1.0 - self.nnz() / self.total if self.total else 0.0
+        return 1.0 - self.active_units() / self.total if self.total else 0.0
 
     def kept(self, sparsity: float) -> int:
-        """Entries kept at ``sparsity``: total - round(sparsity * total) (as ``magnitude.kept_count``)."""
+        """Units kept at ``sparsity``: total - round(sparsity * total) (as ``magnitude.kept_count``)."""
         return self.total - int(round(sparsity * self.total))
 
     @torch.no_grad()
     def prune_to(self, sparsity: float) -> None:
-        """Keep the ``kept(sparsity)`` largest |w| among the active entries (never regrows)."""
+        """Keep the ``kept(sparsity)`` largest units by |w| among the active ones (never regrows)."""
         n_keep = self.kept(sparsity)
-        if n_keep >= self.nnz():
+        if n_keep >= self.active_units():
             return
-        scores = [torch.where(f.mask, f.weight.detach().abs().to(torch.float64), -1.0) for f in self.factors]
-        for f, m in zip(self.factors, global_score_masks(scores, n_keep)):
-            f.set_mask(m)
+        scores = [torch.where(self.units(f.mask), self.units(f.weight), -1.0) for f in self.factors]
+        self.set_unit_masks(global_score_masks(scores, n_keep))
 
     # -- protocol ----------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -95,8 +122,8 @@ class Sparsifier:
 
 class RigL(Sparsifier):
     def __init__(self, factors, sparsity: float, steps: int, drop_fraction: float = 0.1, update_every: int = 50,
-                 end: float = 0.75):
-        super().__init__(factors, sparsity)
+                 end: float = 0.75, block: int = 1):
+        super().__init__(factors, sparsity, block)
         self.alpha, self.every = float(drop_fraction), int(update_every)
         self.t_end = int(end * steps)
 
@@ -114,11 +141,11 @@ class RigL(Sparsifier):
     def step(self, t: int) -> None:
         if not self.updates_at(t):
             return
-        masks = torch.cat([f.mask.flatten() for f in self.factors])
-        weights = torch.cat([f.weight.detach().flatten().abs().to(torch.float64) for f in self.factors])
-        grads = torch.cat([(f.dense_grad if f.dense_grad is not None else torch.zeros_like(f.weight))
-                           .detach().flatten().abs().to(torch.float64) for f in self.factors])
-        n = int(self.drop_fraction(t) * int(masks.sum()))
+        masks = torch.cat([self.units(f.mask).flatten() for f in self.factors])
+        weights = torch.cat([self.units(f.weight).flatten() for f in self.factors])
+        grads = torch.cat([self.units(f.dense_grad if f.dense_grad is not None else torch.zeros_like(f.weight))
+                           .flatten() for f in self.factors])
+        n = int(self.drop_fraction(t) * int(masks.sum()))  # units
         n = min(n, int(masks.sum()), int((~masks).sum()) + n)
         if n > 0:
             drop = torch.topk(torch.where(masks, -weights, -math.inf), n, sorted=False).indices
@@ -126,10 +153,8 @@ class RigL(Sparsifier):
             new[drop] = False
             grow = torch.topk(torch.where(new, -math.inf, grads), n, sorted=False).indices
             new[grow] = True
-            start = 0
-            for f in self.factors:
-                f.set_mask(new[start:start + f.weight.numel()].view_as(f.mask))
-                start += f.weight.numel()
+            sizes = [f.weight.numel() // self.block ** 2 for f in self.factors]
+            self.set_unit_masks(new.split(sizes))
             self.updates += 1
         for f in self.factors:
             f.track_dense_grad, f.dense_grad = False, None
@@ -137,8 +162,9 @@ class RigL(Sparsifier):
 
 class GMP(Sparsifier):
     def __init__(self, factors, sparsity: float, steps: int, initial: float = 0.05, accelerated: float = 0.5,
-                 accel_at: float = 0.25, update_every: int = 50, end: float = 0.75, quirk: bool = False):
-        super().__init__(factors, sparsity)
+                 accel_at: float = 0.25, update_every: int = 50, end: float = 0.75, quirk: bool = False,
+                 block: int = 1):
+        super().__init__(factors, sparsity, block)
         if not 0 <= initial <= accelerated <= sparsity and sparsity > 0:
             raise ConfigError(f"GMP needs 0 <= initial ({initial}) <= accelerated ({accelerated}) <= sparsity "
                               f"({sparsity})")
@@ -164,9 +190,9 @@ class GMP(Sparsifier):
 
     def step(self, t: int) -> None:
         if self.updates_at(t):
-            before = self.nnz()
+            before = self.active_units()
             self.prune_to(self.schedule(t))
-            self.updates += int(self.nnz() != before)
+            self.updates += int(self.active_units() != before)
 
     def finalize(self) -> None:
         super().finalize()
@@ -177,12 +203,12 @@ class GMP(Sparsifier):
 def make_sparsifier(kind: str, factors: Sequence[MaskedFactor], sparsity: float, steps: int, *,
                     update_every: int = 50, end: float = 0.75, rigl_drop_fraction: float = 0.1,
                     gmp_initial: float = 0.05, gmp_accelerated: float = 0.5, gmp_accel_at: float = 0.25,
-                    gmp_quirk: bool = False) -> Sparsifier:
+                    gmp_quirk: bool = False, block: int = 1) -> Sparsifier:
     if kind == "magnitude" or sparsity == 0 or steps == 0 and kind == "rigl":
-        return Sparsifier(factors, sparsity)
+        return Sparsifier(factors, sparsity, block)
     if kind == "rigl":
-        return RigL(factors, sparsity, steps, rigl_drop_fraction, update_every, end)
+        return RigL(factors, sparsity, steps, rigl_drop_fraction, update_every, end, block)
     if kind == "gmp":
         return GMP(factors, sparsity, steps, min(gmp_initial, sparsity), min(gmp_accelerated, sparsity),
-                   gmp_accel_at, update_every, end, gmp_quirk)
+                   gmp_accel_at, update_every, end, gmp_quirk, block)
     raise ConfigError(f"sparsifier={kind!r}; valid: {', '.join(SPARSIFIERS)}")

@@ -6,7 +6,8 @@ Random weights (timing does not depend on the values), no data:
   array for every conv and linear weight) at ``--hashed-ratio`` (0.9 = 10x);
 * ``deit_base`` (timm ``deit_base_patch16_224``, ``pretrained=False``; ``--vit-kwargs`` for a smaller ViT): dense, and
   ``fips`` at ``--fips-ratio`` of the MLP weights with V ``--sparsity`` sparse (SVD initialisation and magnitude
-  pruning: the stored structure of a reconstructed model, without the reconstruction).
+  pruning: the stored structure of a reconstructed model, without the reconstruction), element-wise and in b x b
+  blocks (``--sparsity-blocks 1 32``; ``fips_b32``: V as BSR, the Triton block-sparse kernel on CUDA).
 
 Every compressed model is measured under each ``--kernels`` choice: ``torch``, the naive layout (hashed weights
 gathered through a resident index into a dense weight before the library conv/GEMM; FiPS's V dense with its
@@ -56,14 +57,15 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ..
     return model, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
 
 
-def compress(name: str, model: nn.Module, args: argparse.Namespace) -> tuple[str, float]:
-    """Apply the model's method in place; returns (method, ratio)."""
+def compress(name: str, model: nn.Module, args: argparse.Namespace, block: int) -> tuple[str, float]:
+    """Apply the model's method in place (FiPS with V pruned in ``block`` x ``block`` blocks); returns (method,
+    ratio)."""
     adapter = create_adapter(model)
     if name == "deit_base":
-        cfg = FiPSConfig(ratio=args.fips_ratio, sparsity=args.sparsity)
+        cfg = FiPSConfig(ratio=args.fips_ratio, sparsity=args.sparsity, sparsity_block=block)
         modules, _ = install_factorised(model, adapter, plan_groups(adapter, cfg), cfg.overcomplete_tau)
-        Sparsifier([m.v for m in modules], args.sparsity).prepare()
-        return "fips", args.fips_ratio
+        Sparsifier([m.v for m in modules], args.sparsity, block).prepare()
+        return ("fips" if block == 1 else f"fips_b{block}"), args.fips_ratio
     scope = adapter.scope("prunable")
     n = sum(layer.weight.numel() for layer in scope.values())
     share_weights(adapter, scope, n - round(args.hashed_ratio * n), HashingConfig(name="stable_rps"), 0,
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hashed-ratio", type=float, default=0.9, help="stable_rps: fraction of weights removed")
     ap.add_argument("--fips-ratio", type=float, default=0.5, help="fips: fraction of MLP weights removed")
     ap.add_argument("--sparsity", type=float, default=0.75, help="fips: sparsity of every V")
+    ap.add_argument("--sparsity-blocks", nargs="+", type=int, default=[1, 32],
+                    help="fips: V pruned element-wise (1) and/or in b x b blocks (block-sparse kernel)")
     ap.add_argument("--vit-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=5)
@@ -103,11 +107,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for name in args.models:
         dense = None
-        for compressed, mode in [(False, "torch"), *((True, m) for m in args.kernels)]:
+        blocks = args.sparsity_blocks if name == "deit_base" else [1]
+        for block, mode in [(0, "torch"), *((b, m) for b in blocks for m in args.kernels)]:
             with kernels.backend(mode):
                 model, shape = build(name, args)
                 model = model.to(device)
-                method, ratio = compress(name, model, args) if compressed else ("dense", 0.0)
+                method, ratio = compress(name, model, args, block) if block else ("dense", 0.0)
                 model = model.to(dtype=DTYPES[args.dtype]).eval()
                 protocol = inference_layout(model, create_adapter(model), device)
                 row = {"model": name, "method": method, "ratio": ratio, "kernels": mode,

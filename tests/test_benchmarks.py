@@ -58,11 +58,13 @@ def test_vision_speed_benchmark_measures_dense_and_each_kernel_choice(tmp_path):
     out = bench_vision_speed.main(["--device", "cpu", "--models", "resnet20", "deit_base", "--batch", "2",
                                    "--warmup", "1", "--min-run-time", "0.01", "--out", str(tmp_path / "v.json"),
                                    "--vit-kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, '
-                                                   '"num_heads": 2}'])
+                                                   '"num_heads": 2, "mlp_ratio": 4}'])
     rows = {(r["model"], r["method"], r["kernels"]): r for r in out["rows"]}
-    assert set(rows) == {(m, meth, k) for m, c in (("resnet20", "stable_rps"), ("deit_base", "fips"))
-                         for meth, k in (("dense", "torch"), (c, "torch"), (c, "auto"))}
+    assert set(rows) == {(m, meth, k) for m, cs in (("resnet20", ["stable_rps"]), ("deit_base", ["fips", "fips_b32"]))
+                         for meth, k in (("dense", "torch"), *((c, k) for c in cs for k in ("torch", "auto")))}
     assert all(r["images_per_s"] > 0 and r["ran"] == "torch" for r in out["rows"])   # no Triton on the CPU
     # fips at a 0.5 MLP budget stores less; stable_rps's training-time index buffers stay resident without Triton
     assert rows[("deit_base", "fips", "auto")]["weight_bytes_vs_dense"] < 1
+    # block-sparse V (BSR) needs one index per 32 x 32 block instead of one per non-zero
+    assert rows[("deit_base", "fips_b32", "auto")]["weight_bytes"] < rows[("deit_base", "fips", "auto")]["weight_bytes"]
     assert rows[("resnet20", "stable_rps", "torch")]["weight_bytes_vs_dense"] > 2

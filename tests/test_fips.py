@@ -512,3 +512,44 @@ def test_bench_fips_runs_with_tiny_settings(tmp_path):
     r = out["result"]
     assert r["model"] == "deit_base_patch16_224" and r["steps"] == 3 and r["step_ms_median"] > 0
     assert r["v_sparsity"] == pytest.approx(0.75, abs=1e-3) and (tmp_path / "bench.json").is_file()
+
+
+def block_constant(mask: torch.Tensor, b: int) -> bool:
+    blocks = mask.reshape(mask.shape[0] // b, b, mask.shape[1] // b, b)
+    return torch.equal(blocks.any(3).any(1), blocks.all(3).all(1))
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "rigl", "gmp"])
+def test_block_sparsifiers_keep_whole_blocks_at_the_exact_block_sparsity(kind):
+    fs = factors(((8, 16), (8, 24)))   # 2 x 4 + 2 x 6 = 20 blocks of 4 x 4
+    sp = make_sparsifier(kind, fs, 0.75, 20, update_every=2, rigl_drop_fraction=0.6, block=4)
+    sp.prepare()
+    seen = fake_training(fs, sp, 20)
+    sp.finalize()
+    kept = 20 - int(round(0.75 * 20))
+    assert sp.active_units() == kept and sp.nnz() == kept * 16
+    assert all(block_constant(f.mask, 4) for f in fs)
+    if kind == "rigl":
+        assert sp.updates >= 3 and {n for n, _ in seen} == {kept * 16}   # constant while the blocks move
+    # the kept blocks are the largest by summed |w| at the last pruning (magnitude: at prepare)
+    if kind == "magnitude":
+        scores = torch.cat([sp.units(f.weight).flatten() for f in factors(((8, 16), (8, 24)))])
+        chosen = torch.cat([sp.units(f.mask).flatten() for f in fs])
+        assert torch.equal(chosen, scores >= scores.sort(descending=True).values[kept - 1])
+
+
+def test_block_sparse_fips_plans_ranks_in_whole_blocks_and_runs_bsr_at_inference():
+    model = tiny_vit()
+    method, adapter = fips(model, steps=4, update_every=2, sparsity_block=16)
+    method.apply(model, adapter, ctx())
+    layers = [m for m in model.modules() if isinstance(m, SharedFactorLinear)]
+    assert layers and all(m.rank % 16 == 0 and block_constant(m.v.mask, 16) for m in layers)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        for m in layers:
+            m.for_inference()
+        assert all(m.v_values.dim() == 3 for m in layers)   # BSR
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="sparsity_block=7 must divide"):
+        fips(tiny_vit(), sparsity_block=7)

@@ -205,3 +205,43 @@ def test_pruned_layers_fold_their_mask_for_inference():
             layer.for_inference()
             assert layer.mask is None
             torch.testing.assert_close(layer(x), expected)
+
+
+def block_mask(rows: int, cols: int, b: int, density: float, seed: int = 0) -> torch.Tensor:
+    keep = torch.rand(rows // b, cols // b, generator=torch.Generator().manual_seed(seed)) < density
+    return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_block_sparse_kernel_visits_only_the_stored_blocks(dtype, rows):
+    g = torch.Generator().manual_seed(6)
+    st = (torch.randn(96, 64, generator=g) * block_mask(96, 64, 16, 0.3)).to(DEVICE, dtype)   # S^T (N, K)
+    bsr = st.to_sparse_bsr((16, 16))
+    x = torch.randn(rows, 64, generator=g).to(DEVICE, dtype)
+    expected = (x.double() @ st.double().T).to(dtype)
+    with kernels.backend("triton"):
+        assert_close(kernels.sparse_matmul(x, bsr.crow_indices().int(), bsr.col_indices().int(), bsr.values(),
+                                           (96, 64)), expected, dtype)
+    with kernels.backend("torch"):
+        assert_close(kernels.sparse_matmul(x, bsr.crow_indices().int(), bsr.col_indices().int(), bsr.values(),
+                                           (96, 64)), expected, dtype)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_fips_block_sparse_v_is_stored_as_bsr(transposed):
+    from methods.modules import SharedFactorLinear
+
+    g = torch.Generator().manual_seed(4)
+    d, rank, cols = 24, 32, 64
+    layer = SharedFactorLinear.from_shared(nn.Parameter(torch.randn(d, rank, generator=g)),
+                                           torch.randn(rank, cols, generator=g), None, transposed)
+    layer.v.set_mask(block_mask(rank, cols, 16, 0.25))
+    x = torch.randn(7, layer.in_features, generator=g)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.for_inference()
+        assert layer.v_values.shape[1:] == (16, 16)   # BSR blocks
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        with kernels.backend("triton"):
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
