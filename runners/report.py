@@ -141,7 +141,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         dataset=summary.get("dataset"), family=summary.get("family") or task_cfg.get("family"), method=method,
         ratio=_as_float(ratio), seed=int(seed) if isinstance(seed, (int, float)) and math.isfinite(seed) else None,
         main_metric=summary.get("main_metric"), higher_is_better=summary.get("higher_is_better"),
-        task_config=json.dumps(task_cfg, sort_keys=True, default=str))
+        task_config=json.dumps(task_cfg, sort_keys=True, default=str),
+        method_config=json.dumps({k: v for k, v in method_cfg.items() if k != "ratio"}, sort_keys=True, default=str))
     if status not in ("running", "done", "failed"):
         warnings.warn(f"run {run_dir.name}: unknown status {status!r}; counted as corrupt", stacklevel=3)
         row.update(status="corrupt", error=f"unknown status {status!r}")
@@ -164,24 +165,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(tree, sort_keys=True, default=str)}
 
 
-def label_task_variants(rows: list[dict[str, Any]]) -> None:
-    """Runs of one task name with different task configs (e.g. ``task.train.epochs=6`` on the command line) are
-    different experiments: their ``task`` becomes ``<name> [key=value, ...]`` with the keys that differ, so they
-    get tables of their own. ``model`` keeps the name (published numbers still match)."""
-    configs = [row.pop("task_config", None) for row in rows]
-    by_task: dict[str, dict[str, dict[str, str]]] = {}
+def label_variants(rows: list[dict[str, Any]], column: str, config_field: str) -> None:
+    """Runs of one ``column`` name (task or method) whose configs (``config_field``, JSON) differ are different
+    experiments, not seeds: their ``column`` becomes ``<name> [key=value, ...]`` with the keys that differ (e.g.
+    ``task.train.epochs=6``, ``method.sparsity_block=16`` on the command line), so they get rows or tables of their
+    own. ``model`` keeps the task name, and published numbers match a variant by its base name."""
+    configs = [row.pop(config_field, None) for row in rows]
+    by_name: dict[str, dict[str, dict[str, str]]] = {}
     for row, config in zip(rows, configs):
-        if row.get("task") is not None and config is not None:
-            by_task.setdefault(row["task"], {})[config] = _flatten(json.loads(config))
+        if row.get(column) is not None and config is not None:
+            by_name.setdefault(row[column], {})[config] = _flatten(json.loads(config))
     for row, config in zip(rows, configs):
-        variants = by_task.get(row.get("task"), {})
+        variants = by_name.get(row.get(column), {})
         if len(variants) < 2 or config is None:
             continue
         flats = list(variants.values())
         keys = sorted(k for k in {k for f in flats for k in f} if len({f.get(k) for f in flats}) > 1)
         mine = variants[config]
         differences = ", ".join(f"{k}={mine.get(k, 'unset')}" for k in keys)
-        row["task"] = f"{row['task']} [{differences}]"
+        row[column] = f"{row[column]} [{differences}]"
+
+
+def base_name(label: str) -> str:
+    """A task or method label without its variant suffix (``fips [sparsity_block=16]`` -> ``fips``)."""
+    return label.split(" [", 1)[0]
 
 
 def collect_runs(root: Path) -> pd.DataFrame:
@@ -191,7 +198,8 @@ def collect_runs(root: Path) -> pd.DataFrame:
     """
     runs_dir = _runs_dir(Path(root))
     rows = [_run_row(p) for p in sorted(runs_dir.iterdir()) if p.is_dir()] if runs_dir.is_dir() else []
-    label_task_variants(rows)
+    label_variants(rows, "task", "task_config")
+    label_variants(rows, "method", "method_config")
     df = pd.DataFrame(rows)
     metric_cols = sorted(c for c in df.columns if c not in RUN_COLUMNS)
     df = df.reindex(columns=RUN_COLUMNS + metric_cols)
@@ -266,7 +274,8 @@ def _match_reported(reported: pd.DataFrame, model: str, dataset: Any, method: st
                     metric: str) -> list[pd.Series]:
     if reported is None or reported.empty:
         return []
-    rows = reported[(reported["model"] == model) & (reported["method"] == method) & (reported["metric"] == metric)
+    rows = reported[(reported["model"] == model) & (reported["method"] == base_name(method))
+                    & (reported["metric"] == metric)
                     & ((reported["ratio"] - ratio).abs() <= RATIO_TOL)]
     ours = _norm_dataset(dataset)
     return [r for _, r in rows.iterrows() if not ours or not r["dataset"] or _norm_dataset(r["dataset"]) == ours]

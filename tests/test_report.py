@@ -176,6 +176,25 @@ def test_runs_of_one_task_with_different_task_configs_get_tables_of_their_own(tm
     assert set(tables) == {"demo_img [train.epochs=160]", "demo_img [train.epochs=6]"}
 
 
+def test_runs_of_one_method_with_different_method_configs_are_not_averaged_as_seeds(tmp_path):
+    root = tmp_path / "sweep"
+    _write_run(root, "demo_img", "dense", 0.0, 0, 0.9)
+    for block, value in ((1, 0.8), (16, 0.7)):
+        _write_run(root / str(block), "demo_img", "fips", 0.5, 0, value)
+        (run_dir,) = (root / str(block) / "runs").iterdir()
+        rec = json.loads((run_dir / "run.json").read_text())
+        rec["config"]["method"]["sparsity_block"] = block
+        (run_dir / "run.json").write_text(json.dumps(rec))
+        run_dir.rename(root / "runs" / f"{run_dir.name}-b{block}")
+    df = collect_runs(root)
+    assert set(df["method"]) == {"dense", "fips [sparsity_block=1]", "fips [sparsity_block=16]"}
+    table = build_tables(df)["demo_img"]
+    assert table.methods == ["dense", "fips [sparsity_block=16]", "fips [sparsity_block=1]"]
+    cells = {m: table.cells[(m, 0.5, "acc/top1")] for m in table.methods[1:]}
+    assert {m: (c.n, c.mean) for m, c in cells.items()} == {"fips [sparsity_block=1]": (1, 0.8),
+                                                            "fips [sparsity_block=16]": (1, 0.7)}
+
+
 def test_results_csv(sweep):
     _, out, _ = sweep
     df = pd.read_csv(out / "results.csv", keep_default_na=False)
