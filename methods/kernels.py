@@ -116,11 +116,24 @@ def sparse_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values
             x, crow, col, values, y, x.shape[0], k, n_out, B=b, BLOCK_M=block_m,
             F32_DOT=x.dtype == torch.float32 or _INTERPRETED)
         return y
+    return _library_sparse_matmul(x, crow, col, values, n_out, k)
+
+
+@torch.library.custom_op("compbench::sparse_matmul", mutates_args=())
+def _library_sparse_matmul(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                           n_out: int, k: int) -> torch.Tensor:
+    """The library path of ``sparse_matmul``, as one opaque op so that torch.compile captures a model using it in
+    one graph (it does not trace the construction of sparse tensors)."""
     make = torch.sparse_bsr_tensor if values.dim() == 3 else torch.sparse_csr_tensor
-    st = make(crow, col, values, shape, check_invariants=False)
+    st = make(crow, col, values, (n_out, k), check_invariants=False)
     if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        return torch.sparse.mm(st.to(torch.float32), x.T.float()).T.to(x.dtype)
-    return torch.sparse.mm(st, x.T).T
+        return torch.sparse.mm(st.to(torch.float32), x.T.float()).T.to(x.dtype).contiguous()
+    return torch.sparse.mm(st, x.T).T.contiguous()
+
+
+@_library_sparse_matmul.register_fake
+def _(x, crow, col, values, n_out, k):
+    return x.new_empty(x.shape[0], n_out)
 
 
 # -- hashed weights ------------------------------------------------------------------------------------------------

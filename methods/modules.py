@@ -348,7 +348,7 @@ class SharedFactorLinear(CompressedModule):
             warnings.simplefilter("ignore", UserWarning)
             sparse = st.to_sparse_bsr((block, block)) if block > 1 else st.to_sparse_csr()
         self.v = None
-        self.register_buffer("v_values", sparse.values(), persistent=False)
+        self.register_buffer("v_values", sparse.values().clone(), persistent=False)  # not a view of a sparse tensor
         self.register_buffer("v_crow", sparse.crow_indices().to(torch.int32), persistent=False)
         self.register_buffer("v_col", sparse.col_indices().to(torch.int32), persistent=False)
         self.v_shape = tuple(st.shape)

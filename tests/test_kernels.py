@@ -245,3 +245,45 @@ def test_fips_block_sparse_v_is_stored_as_bsr(transposed):
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
         with kernels.backend("triton"):
             torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_family_in_its_inference_layout_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) of each compressed family after ``inference_layout`` (the PyTorch kernels):
+    no Python in the hot path that would break a CUDA-graph capture. Low rank with fused input groups (a shared
+    basis), hashed (hash recomputed), FiPS V as CSR and as BSR, folded pruning masks."""
+    import torch._dynamo
+
+    from methods.basis_sharing import BasisSharingConfig
+    from methods.fuse import inference_layout
+    from methods.hashing import HashingConfig, share_weights
+    from methods.modules import MaskedLinear, SharedFactorLinear
+    from tasks.adapters import create_adapter
+    from tasks.models.cifar import resnet
+    from tests.test_fuse import compressed
+
+    llama, adapter = compressed(BasisSharingConfig(ratio=0.5))
+    cnn = resnet(20).eval()
+    cnn_adapter = create_adapter(cnn)
+    share_weights(cnn_adapter, cnn_adapter.scope("prunable"), 5000, HashingConfig(name="stable_rps"), 0,
+                  torch.Generator().manual_seed(0))
+    fips_layers = []
+    for mask in (torch.rand(32, 64) > 0.75, block_mask(32, 64, 16, 0.3)):
+        layer = SharedFactorLinear.from_shared(nn.Parameter(torch.randn(24, 32)), torch.randn(32, 64), None, True)
+        layer.v.set_mask(mask)
+        fips_layers.append(layer)
+    pruned = MaskedLinear.from_dense(nn.Linear(8, 4))
+    pruned.set_mask(torch.rand(4, 8) > 0.5)
+    cases = [(llama, adapter, {"input_ids": torch.randint(0, 64, (2, 9))}),
+             (cnn, cnn_adapter, {"x": torch.randn(2, 3, 8, 8)}),
+             *((layer, None, {"x": torch.randn(3, 24)}) for layer in fips_layers),
+             (pruned, None, {"x": torch.randn(2, 8)})]
+    with torch.no_grad(), kernels.backend("torch"):
+        for model, model_adapter, inputs in cases:
+            expected = model(**inputs)
+            with kernels.backend("auto"):   # the inference layout; the PyTorch kernels below
+                inference_layout(model, model_adapter or create_adapter(model), torch.device("cpu"))
+            compiled = torch.compile(model, backend="eager", fullgraph=True)
+            out = compiled(**inputs)
+            out, expected = (getattr(out, "logits", out), getattr(expected, "logits", expected))
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            torch._dynamo.reset()
