@@ -83,7 +83,10 @@ def fuse_input_groups(model: nn.Module, adapter) -> int:
             paths = [f"{block}.{adapter.roles[r]}" for r in roles]
             members = [model.get_submodule(p) for p in paths]
             parents = {p.rpartition(".")[0] for p in paths}
-            if len(parents) == 1 and all(isinstance(m, LowRankLinear) for m in members):
+            devices = {t.device for m in members for t in m.parameters()}
+            # offloaded (meta) or split members keep their own layers: accelerate loads those on the fly
+            if (len(parents) == 1 and all(isinstance(m, LowRankLinear) for m in members) and len(devices) == 1
+                    and next(iter(devices)).type != "meta"):
                 candidates.append((parents.pop(), paths, members))
     keys_using_basis: dict[int, set] = defaultdict(set)
     for _, _, members in candidates:

@@ -80,3 +80,11 @@ def test_a_member_called_outside_its_parent_is_an_error():
     fuse_input_groups(model, adapter)
     with pytest.raises(RuntimeError, match="outside its parent's forward"):
         model.model.layers[0].self_attn.q_proj(torch.randn(1, 32))
+
+
+def test_offloaded_members_are_left_unfused():
+    model, adapter = compressed(SVDLLMConfig(ratio=0.5))
+    attn = model.model.layers[1].self_attn
+    attn.k_proj.to("meta")   # as accelerate leaves an offloaded layer between forwards
+    assert fuse_input_groups(model, adapter) == 2 * 3 - 1
+    assert not isinstance(attn.q_proj, FusedMember) and not hasattr(attn, "fused_inputs")
