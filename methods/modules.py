@@ -54,7 +54,8 @@ class CompressedModule(nn.Module):
         raise NotImplementedError
 
     def for_inference(self) -> None:
-        """Drop what only training needs (called before measuring when the Triton kernels run); same outputs."""
+        """Switch to the inference layout (``methods.fuse.inference_layout``, before measurement): keep only what
+        inference needs, same outputs. Accounting and saving happen before; training cannot continue after."""
 
 
 class LowRankLinear(CompressedModule):
