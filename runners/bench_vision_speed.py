@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--device cuda but CUDA is not available")
     if not (0 < args.hashed_ratio < 1 and 0 < args.fips_ratio < 1 and 0 <= args.sparsity < 1):
         raise SystemExit("--hashed-ratio and --fips-ratio must be in (0, 1), --sparsity in [0, 1)")
+    if min(args.sparsity_blocks) < 1:
+        raise SystemExit(f"--sparsity-blocks {args.sparsity_blocks}: every block size must be >= 1")
     rows = []
     for name in args.models:
         dense = None

@@ -68,3 +68,11 @@ def test_vision_speed_benchmark_measures_dense_and_each_kernel_choice(tmp_path):
     # block-sparse V (BSR) needs one index per 32 x 32 block instead of one per non-zero
     assert rows[("deit_base", "fips_b32", "auto")]["weight_bytes"] < rows[("deit_base", "fips", "auto")]["weight_bytes"]
     assert rows[("resnet20", "stable_rps", "torch")]["weight_bytes_vs_dense"] > 2
+
+
+@pytest.mark.parametrize("argv,match", [(["--hashed-ratio", "1.0"], "must be in"),
+                                        (["--sparsity-blocks", "0"], "block size must be >= 1")])
+def test_vision_speed_refuses_bad_settings_before_building_anything(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        bench_vision_speed.main(["--device", "cpu", "--out", str(tmp_path / "v.json"), *argv])
+    assert not (tmp_path / "v.json").exists()
