@@ -16,7 +16,8 @@ the factors that read the same input; ``methods.kernels``: the fused low-rank de
 
 Measured per layout and ratio: prefill tokens/s at ``--batch x --seqlen`` (``torch.utils.benchmark``), batch-1
 decode ms/token with a static KV cache, eager and with CUDA graphs (``--decode eager graph``), and the resident
-weight bytes. ``--round-ranks 64`` rounds every rank down to a multiple of 64 (what the GPU's tiles want).
+weight bytes (``--bytes-only``: the bytes alone, e.g. at the full LLaMA-7B shape on a CPU). ``--round-ranks 64``
+rounds every rank down to a multiple of 64 (what the GPU's tiles want).
 
     python -m runners.bench_llm_speed --device cuda --round-ranks 64 --out results/bench/llm_speed_h100.json
     python -m runners.bench_llm_speed --hidden 64 --intermediate 160 --layers 2 --heads 4 --vocab 512 \\
@@ -125,6 +126,8 @@ def measure_model(model: nn.Module, args: argparse.Namespace, device: torch.devi
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), generator=gen).to(device)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=gen).to(device)
     out: dict[str, Any] = {"weight_bytes": measure.weight_bytes(model), "linear_params": linear_params(model)}
+    if args.bytes_only:
+        return out
     prefill = measure.latency(model, (ids,), args.batch * args.seqlen, args.warmup, args.min_run_time)
     out.update(prefill_tokens_per_s=prefill["throughput"], prefill_ms=prefill["latency_ms"])
     for mode in args.decode:
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--decode", nargs="+", default=["eager", "graph"], choices=["eager", "graph"])
     ap.add_argument("--kernels", nargs="+", default=["torch", "auto"], choices=["torch", "auto"],
                     help="torch: naive layout; auto: fused input groups and Triton kernels (compressed layouts)")
+    ap.add_argument("--bytes-only", action="store_true",
+                    help="resident weight bytes and parameters only, no timing (any machine with the memory)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed prefills per model")
     ap.add_argument("--out", type=Path, default=Path("results/bench/llm_speed.json"))
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    if "graph" in args.decode and device.type != "cuda":
+    if "graph" in args.decode and device.type != "cuda" and not args.bytes_only:
         raise SystemExit("--decode graph captures CUDA graphs: use --decode eager on the CPU")
     if not all(0 < r < 1 for r in args.ratios):
         raise SystemExit(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
@@ -180,20 +185,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dense = dense or row
             row["removed_of_linear"] = 1 - row["linear_params"] / dense["linear_params"]
             for key in ("weight_bytes", "prefill_tokens_per_s", *(f"decode_{m}_ms" for m in args.decode)):
-                row[f"{key}_vs_dense"] = row[key] / dense[key]
+                if key in row:
+                    row[f"{key}_vs_dense"] = row[key] / dense[key]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     out = write_benchmark(args.out, device, vars(args), rows=rows)
-    head = f"{'layout':14s} {'kernels':7s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s} {'prefill tok/s':>13s} {'x':>5s}"
-    head += "".join(f" {'decode ' + m + ' ms':>16s} {'x':>5s}" for m in args.decode)
+    head = f"{'layout':14s} {'kernels':7s} {'ratio':>5s} {'removed':>7s} {'weights GB':>10s} {'x':>5s}"
+    if not args.bytes_only:
+        head += f" {'prefill tok/s':>13s} {'x':>5s}" + "".join(f" {'decode ' + m + ' ms':>16s} {'x':>5s}"
+                                                             for m in args.decode)
     print("\n" + head)
     for r in rows:
-        line = (f"{r['layout']:14s} {r['kernels']:7s} {r['ratio']:5.2f} {r['removed_of_linear']:7.3f} {r['weight_bytes'] / 1e9:10.3f} "
-                f"{r['weight_bytes_vs_dense']:5.2f} {r['prefill_tokens_per_s']:13.0f} {r['prefill_tokens_per_s_vs_dense']:5.2f}")
-        line += "".join(f" {r[f'decode_{m}_ms']:16.3f} {r[f'decode_{m}_ms_vs_dense']:5.2f}" for m in args.decode)
+        line = (f"{r['layout']:14s} {r['kernels']:7s} {r['ratio']:5.2f} {r['removed_of_linear']:7.3f} "
+                f"{r['weight_bytes'] / 1e9:10.3f} {r['weight_bytes_vs_dense']:5.3f}")
+        if not args.bytes_only:
+            line += f" {r['prefill_tokens_per_s']:13.0f} {r['prefill_tokens_per_s_vs_dense']:5.2f}"
+            line += "".join(f" {r[f'decode_{m}_ms']:16.3f} {r[f'decode_{m}_ms_vs_dense']:5.2f}" for m in args.decode)
         print(line)
     print(f"device: {out['device'].get('gpu') or out['device']['cpu']}, {out['date']}; written to {args.out}")
     return out

@@ -76,3 +76,13 @@ def test_vision_speed_refuses_bad_settings_before_building_anything(argv, match,
     with pytest.raises(SystemExit, match=match):
         bench_vision_speed.main(["--device", "cpu", "--out", str(tmp_path / "v.json"), *argv])
     assert not (tmp_path / "v.json").exists()
+
+
+def test_llm_speed_bytes_only_skips_the_timing(tmp_path):
+    out = bench_llm_speed.main(["--device", "cpu", "--dtype", "fp32", "--hidden", "64", "--intermediate", "160",
+                                "--layers", "2", "--heads", "4", "--vocab", "128", "--bytes-only", "--kernels",
+                                "torch", "--layouts", "basis_sharing", "--ratios", "0.5", "--out", str(tmp_path / "b.json")])
+    dense, shared = out["rows"]
+    assert "prefill_tokens_per_s" not in shared and shared["weight_bytes_vs_dense"] < 1
+    assert shared["weight_bytes"] == pytest.approx(dense["weight_bytes"] - 4 * (dense["linear_params"]
+                                                                                - shared["linear_params"]))
