@@ -36,7 +36,7 @@ from methods.modules import SharedBasisLinear
 from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
 from runners.errors import ConfigError
-from tasks.adapters import ModelAdapter
+from tasks.adapters import ModelAdapter, TimmSwinAdapter, TimmViTAdapter
 
 DEFAULT_KIND = "default"
 
@@ -180,6 +180,28 @@ class PlanRefitter:
                 layer.u.copy_(coeff)
 
 
+def model_kind(adapter: ModelAdapter) -> str | None:
+    """transformers' ``config.model_type``; "vit" / "swin" for the timm adapters."""
+    kind = getattr(getattr(adapter.model, "config", None), "model_type", None)
+    if kind is None and isinstance(adapter, TimmSwinAdapter):
+        return "swin"
+    if kind is None and isinstance(adapter, TimmViTAdapter):
+        return "vit"
+    return kind
+
+
+def shared_roles_for(adapter: ModelAdapter, table: dict[str, list[str]], key: str) -> list[str]:
+    """The roles ``table`` (model kind -> roles, ``default`` for the rest; config field ``method.<key>``) shares
+    for ``adapter``'s model, checked against the adapter's roles."""
+    kind = model_kind(adapter)
+    roles = table.get(kind, table[DEFAULT_KIND])
+    unknown = [r for r in roles if r not in adapter.roles]
+    if unknown:
+        raise ConfigError(f"method.{key}: roles {', '.join(unknown)} unknown to {type(adapter).__name__} "
+                          f"(model kind {kind!r}); valid: {', '.join(adapter.roles)}")
+    return list(roles)
+
+
 @METHODS.register("basis_sharing")
 class BasisSharing(Method):
     config_class = BasisSharingConfig
@@ -187,13 +209,7 @@ class BasisSharing(Method):
     cfg: BasisSharingConfig
 
     def shared_roles(self, adapter: ModelAdapter) -> list[str]:
-        kind = getattr(getattr(adapter.model, "config", None), "model_type", None)
-        roles = self.cfg.shared.get(kind, self.cfg.shared[DEFAULT_KIND])
-        unknown = [r for r in roles if r not in adapter.roles]
-        if unknown:
-            raise ConfigError(f"method.shared: roles {', '.join(unknown)} unknown to {type(adapter).__name__}; "
-                              f"valid: {', '.join(adapter.roles)}")
-        return list(roles)
+        return shared_roles_for(adapter, self.cfg.shared, "shared")
 
     def plan(self, adapter: ModelAdapter) -> SharingPlan:
         """Consecutive classes of ``group_size`` layers for the shared roles, one class per layer otherwise, over

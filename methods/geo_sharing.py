@@ -89,18 +89,18 @@ from torch import nn
 from torch.func import functional_call
 
 from methods.base import METHODS, CompressContext, Method
-from methods.basis_sharing import PlanFitter, SharingPlan, basis_rank, refit_coefficients, role_path
+from methods.basis_sharing import (DEFAULT_KIND, PlanFitter, SharingPlan, basis_rank, refit_coefficients,
+                                    role_path, shared_roles_for)
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
 from methods.modules import CompressedModule
 from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
 from runners.errors import ConfigError
-from tasks.adapters import ModelAdapter, TimmSwinAdapter, TimmViTAdapter
+from tasks.adapters import ModelAdapter
 
 log = logging.getLogger("compbench")
 
-DEFAULT_KIND = "default"
 COLOURINGS = ("curvature", "adjacent")
 INITS = ("pairs", "adjacent")
 HESSIANS = ("kfac", "hvp")
@@ -464,16 +464,6 @@ class TwoSidedSharedLinear(CompressedModule):
 
 
 # -- the method ----------------------------------------------------------------------------------------------------
-def model_kind(adapter: ModelAdapter) -> str | None:
-    """transformers' ``config.model_type``; "vit" / "swin" for the timm adapters."""
-    kind = getattr(getattr(adapter.model, "config", None), "model_type", None)
-    if kind is None and isinstance(adapter, TimmSwinAdapter):
-        return "swin"
-    if kind is None and isinstance(adapter, TimmViTAdapter):
-        return "vit"
-    return kind
-
-
 @dataclass
 class Layout:
     """The scope's layers per role: ``graph[role]`` the coloured roles' components (block indices whose linears
@@ -545,12 +535,7 @@ class GeoSharing(Method):
 
     # -- structure ---------------------------------------------------------------------------------------------
     def shared_roles(self, adapter: ModelAdapter) -> list[str]:
-        roles = self.cfg.share_types.get(model_kind(adapter), self.cfg.share_types[DEFAULT_KIND])
-        unknown = [r for r in roles if r not in adapter.roles]
-        if unknown:
-            raise ConfigError(f"method.share_types: roles {', '.join(unknown)} unknown to {type(adapter).__name__} "
-                              f"(model kind {model_kind(adapter)!r}); valid: {', '.join(adapter.roles)}")
-        return list(roles)
+        return shared_roles_for(adapter, self.cfg.share_types, "share_types")
 
     def layout(self, adapter: ModelAdapter) -> Layout:
         shared = self.shared_roles(adapter)
