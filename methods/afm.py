@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.calibration import _forward
 from methods.modules import LowRankConv2d, LowRankLinear
-from runners.errors import ConfigError
 
 ALLOCATIONS = ("adaptive", "uniform")
 SENSITIVITIES = ("output", "energy")

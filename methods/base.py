@@ -10,9 +10,9 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from runners.errors import ConfigError
-from runners.record import atomic_path
-from runners.registry import Registry
+from core.errors import ConfigError
+from core.io import atomic_path
+from core.registry import Registry
 
 if TYPE_CHECKING:
     from tasks.adapters import ModelAdapter

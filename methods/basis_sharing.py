@@ -30,12 +30,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.modules import SharedBasisLinear
 from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
-from runners.errors import ConfigError
 from tasks.adapters import ModelAdapter, TimmSwinAdapter, TimmViTAdapter
 
 DEFAULT_KIND = "default"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 from tasks.adapters import ModelAdapter
 
 

@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.calibration import _block_device, _forward, _to, capture_block_inputs
 from methods.modules import MaskedFactor, SharedFactorLinear
 from methods.sparse_training import SPARSIFIERS, Sparsifier, make_sparsifier
-from runners.errors import ConfigError
 from tasks.adapters import LlamaAdapter, ModelAdapter
 
 OBJECTIVES = ("auto", "block", "mlp")

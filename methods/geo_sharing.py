@@ -88,15 +88,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method
-from methods.basis_sharing import (DEFAULT_KIND, PlanFitter, SharingPlan, basis_rank, refit_coefficients,
-                                    role_path, shared_roles_for)
+from methods.basis_sharing import (
+    DEFAULT_KIND,
+    PlanFitter,
+    SharingPlan,
+    basis_rank,
+    refit_coefficients,
+    role_path,
+    shared_roles_for,
+)
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
 from methods.modules import CompressedModule
 from methods.svd import LowRankConfig
 from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
-from runners.errors import ConfigError
 from tasks.adapters import ModelAdapter
 
 log = logging.getLogger("compbench")

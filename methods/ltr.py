@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.magnitude import global_score_masks, kept_count
 from methods.modules import masked_from_dense
 from methods.pruning import check_prunable, density_metrics, enforce_masks
-from runners.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.magnitude import global_score_masks, kept_count
 from methods.modules import CompressedModule, MaskedConv2d, MaskedLinear, masked_from_dense
-from runners.errors import ConfigError
 
 Masked = (MaskedLinear, MaskedConv2d)
 

@@ -29,9 +29,9 @@ from typing import Sequence
 
 import torch
 
+from core.errors import ConfigError
 from methods.magnitude import global_score_masks
 from methods.modules import MaskedFactor
-from runners.errors import ConfigError
 
 SPARSIFIERS = ("magnitude", "rigl", "gmp")
 

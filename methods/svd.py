@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.modules import LowRankConv2d, LowRankLinear
-from runners.errors import ConfigError
 
 
 @dataclass

@@ -18,11 +18,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.modules import LowRankLinear
 from methods.svd import LowRankConfig, rank_for_ratio
-from runners.errors import ConfigError
 
 DAMPING = 1e-6  # relative to the mean eigenvalue, added above -lambda_min when X^T X is not positive definite
 

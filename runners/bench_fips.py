@@ -27,8 +27,15 @@ from typing import Any
 
 import torch
 
-from methods.fips import (CACHE_DTYPES, FiPSConfig, block_loss_step, capture_block_io, install_factorised,
-                          plan_groups, train_steps)
+from methods.fips import (
+    CACHE_DTYPES,
+    FiPSConfig,
+    block_loss_step,
+    capture_block_io,
+    install_factorised,
+    plan_groups,
+    train_steps,
+)
 from methods.sparse_training import make_sparsifier
 from runners.record import write_benchmark
 from tasks.adapters import create_adapter

@@ -16,9 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from core.errors import ConfigError
+from core.io import atomic_path
 from methods.modules import MODULE_CLASSES, CompressedModule, _Masked
-from runners.errors import ConfigError
-from runners.record import atomic_path
 
 FORMAT = "compbench-1"
 

@@ -16,7 +16,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
+from runners.plan import plan
 
 PASS_THROUGH_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--info", "-i", "--cfg", "-c", "--resolve",
                       "--shell-completion", "-sc", "--config-path", "-cp", "--config-name", "-cn",
@@ -63,8 +64,6 @@ def preflight(argv: list[str], conf_dir: Path) -> int:
     if any(a.split("=")[0] in PASS_THROUGH_FLAGS for a in argv):
         return 0
     overrides = [a for a in argv if not a.startswith("-")]
-    from runners.run import plan
-
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(conf_dir), version_base="1.3"):
         points = sweep_points(overrides, conf_dir)

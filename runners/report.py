@@ -41,7 +41,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runners.record import stable_hash, write_bytes_atomic
+from core.io import stable_hash, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -30,66 +30,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from methods import CompressContext, Method, create_method, kernels
+from core.errors import ConfigError
+from core.io import file_lock, read_json, stable_hash, write_json_atomic
+from methods import CompressContext, kernels
 from methods.fuse import inference_layout
 from runners import accounting, measure
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
 from runners.loggers import create_logger
-from runners.record import RunRecord, file_lock, make_run_id, read_json, run_status, stable_hash, write_json_atomic
-from runners.schema import RunConfig, register_configs, validate
-from tasks import Task, create_task
+from runners.plan import CONF_DIR, Plan, plan
+from runners.preflight import preflight
+from runners.record import RunRecord, make_run_id, run_status
 from tasks.adapters import create_adapter
 
 log = logging.getLogger("compbench")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # <run_dir>/stages/: checkpoints of a run in progress (compressed model, training state, method statistics), so a
 # killed or requeued run resumes where it was; removed when the run ends (done or failed: a redo starts afresh)
 STAGE_DIR = "stages"
-register_configs()
 
 
 class NonFiniteMetric(FloatingPointError):
     """A metric came out NaN/inf: the run fails with reason ``nan`` instead of leaving a bad row. Training loops
     raise ``FloatingPointError`` for a non-finite loss, which fails the same way."""
-
-
-@dataclass
-class Plan:
-    """A validated run: everything known before a model is built."""
-
-    run: RunConfig
-    task: Task
-    method: Method
-    run_id: str
-    run_dir: Path
-    device: torch.device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def plan(cfg: DictConfig) -> Plan:
-    """Validate ``cfg`` and derive the run id; builds no model and writes nothing."""
-    run = validate(cfg)
-    device = resolve_device(run.device)
-    task = create_task(run.task, Path(run.cache_dir), device, run.progress)
-    method = create_method(run.method)
-    task.check()
-    if method.train_time and not task.supports_training():
-        raise ConfigError(f"method {method.name} trains the model, but task family {run.task.family} has no "
-                          f"training loop")
-    if run.measure.decode == "graph" and device.type != "cuda" and task.generates:
-        raise ConfigError("measure.decode=graph captures CUDA graphs and needs a CUDA device; use "
-                          "measure.decode=eager on the CPU")
-    semantic = {"task": task.semantic_config(), "method": method.semantic_config(), "seed": run.seed}
-    run_id = make_run_id(run.task.name, method.name, semantic)
-    return Plan(run, task, method, run_id, Path(run.out_dir) / "runs" / run_id, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -288,8 +249,6 @@ def hydra_main(cfg: DictConfig) -> str:
 
 
 def main() -> None:
-    from runners.preflight import preflight
-
     try:
         preflight(sys.argv[1:], CONF_DIR)
     except ConfigError as e:

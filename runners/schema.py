@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 import methods
 import tasks
-from runners.errors import ConfigError
+from core.errors import ConfigError
 
 DECODE_MODES = ("none", "eager", "graph")
 KERNEL_CHOICES = ("auto", "torch")

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from hydra import initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from runners.errors import ConfigError  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
 from runners.preflight import preflight, sweep_points  # noqa: E402
 from runners.run import CONF_DIR  # noqa: E402
 

@@ -33,7 +33,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from runners.errors import ConfigError  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
 from runners.preflight import one_line, sweep_points  # noqa: E402
 from runners.run import CONF_DIR  # noqa: E402  (also registers the config schema)
 from runners.schema import validate  # noqa: E402

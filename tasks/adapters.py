@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 
 ADAPTERS: list[type["ModelAdapter"]] = []
 

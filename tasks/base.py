@@ -10,8 +10,8 @@ import torch
 from omegaconf import MISSING
 from torch import nn
 
-from runners.errors import ConfigError
-from runners.registry import Registry
+from core.errors import ConfigError
+from core.registry import Registry
 
 TASKS: Registry["Task"] = Registry("task family")
 

@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from runners.errors import ConfigError, MissingPathError
-from runners.record import atomic_path, file_lock, stable_hash
+from core.errors import ConfigError, MissingPathError
+from core.io import atomic_path, file_lock, stable_hash
 from tasks import data as image_data
 from tasks import training
 from tasks.base import TASKS, Task, TaskConfig

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 TRANSFORMS = ("plain", "timm")

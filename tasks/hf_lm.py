@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from runners.errors import ConfigError
-from runners.record import file_lock, stable_hash, write_json_atomic
+from core.errors import ConfigError
+from core.io import file_lock, stable_hash, write_json_atomic
 from tasks.base import TASKS, Task, TaskConfig
 
 log = logging.getLogger(__name__)

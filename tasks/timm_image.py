@@ -14,7 +14,7 @@ import torch
 from omegaconf import MISSING
 from torch import Tensor, nn
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 from tasks.base import TASKS
 from tasks.cifar_cnn import ImageTask, ImageTaskConfig
 from tasks.training import random_crop_flip

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from runners.errors import ConfigError
-from runners.record import atomic_path
+from core.errors import ConfigError
+from core.io import atomic_path
 
 CKPT_VERSION = 1
 OPTIMIZERS = ("sgd", "adamw")

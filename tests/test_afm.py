@@ -6,14 +6,24 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError
+from core.io import read_json
 from methods import CompressContext, create_method
-from methods.afm import (AAFMConfig, GFMConfig, afm_layer, allocate, candidate_ranks, collect_output_stats,
-                         factor_params, max_useful_rank, model_outputs)
+from methods.afm import (
+    AAFMConfig,
+    GFMConfig,
+    afm_layer,
+    allocate,
+    candidate_ranks,
+    collect_output_stats,
+    factor_params,
+    max_useful_rank,
+    model_outputs,
+)
 from methods.modules import LowRankConv2d, LowRankLinear
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks.adapters import create_adapter
 from tests.toy import tiny_vit

@@ -57,7 +57,7 @@ def test_cli_exit_code_in_a_fresh_process(tmp_path):
 
 def test_value_overrides_are_checked_against_the_swept_tasks():
     """`task.train.epochs` exists in the swept image tasks, not in the default task: the sweep is valid."""
-    from runners.errors import ConfigError
+    from core.errors import ConfigError
     from runners.preflight import preflight
 
     conf = ROOT / "conf"

@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
+from core.errors import ConfigError
 from methods.modules import LowRankLinear, masked_from_dense
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
 
 
 class Net(nn.Module):

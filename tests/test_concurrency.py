@@ -2,7 +2,8 @@
 import multiprocessing as mp
 from pathlib import Path
 
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from core.io import read_json
+from runners.record import METRICS_JSON, RUN_JSON
 
 POINTS = [(m, r, s) for m in ("magnitude", "svd") for r in (0.2, 0.5) for s in (0, 1, 2, 3)]  # 16 distinct runs
 

@@ -5,8 +5,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from core.errors import ConfigError, MissingPathError
 from methods import METHODS as METHODS_REGISTRY
-from runners.errors import ConfigError, MissingPathError
 from runners.preflight import sweep_points
 from runners.run import plan
 from tasks import TASKS as TASKS_REGISTRY

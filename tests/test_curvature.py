@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from methods.curvature import (clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs,
-                               weight_hvp)
+from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
 
 
 def psd(n, seed=0, decay=0.9):

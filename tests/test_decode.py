@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from core.errors import ConfigError
 from methods.modules import LowRankLinear
 from methods.svd import truncated_svd
 from runners import measure
-from runners.errors import ConfigError
 from runners.run import plan
 from runners.schema import MeasureConfig
 

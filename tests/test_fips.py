@@ -10,15 +10,24 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from core.errors import ConfigError
+from core.io import read_json
 from methods import CompressContext, create_method
-from methods.fips import (FiPSConfig, capture_block_io, group_rank, make_groups, mlp_layers, plan_groups, svd_init,
-                          train_steps)
+from methods.fips import (
+    FiPSConfig,
+    capture_block_io,
+    group_rank,
+    make_groups,
+    mlp_layers,
+    plan_groups,
+    svd_init,
+    train_steps,
+)
 from methods.modules import MaskedFactor, SharedFactorLinear
 from methods.sparse_training import GMP, RigL, make_sparsifier
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks.adapters import create_adapter
 from tasks.timm_image import stratified_indices
@@ -470,7 +479,7 @@ def test_fips_on_demo_vit_runs_through_the_run_loop_and_reloads(task_cfg):
 @pytest.mark.parametrize("task,model", [("deit_base", "deit_base_patch16_224.fb_in1k"),
                                         ("swin_large", "swin_large_patch4_window7_224.ms_in22k_ft_in1k")])
 def test_named_imagenet_configs_refuse_a_missing_root_before_anything_is_built(compose_cfg, tmp_path, task, model):
-    from runners.errors import MissingPathError
+    from core.errors import MissingPathError
 
     cfg = compose_cfg(f"task={task}", "method=fips", "logger=none", f"task.data.root={tmp_path / 'nowhere'}")
     assert cfg.task.model == model and cfg.task.pretrained and cfg.task.data.transform == "timm"

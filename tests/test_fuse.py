@@ -1,8 +1,6 @@
 """Input-group fusion: the fused layout computes the same function, stores no tensor twice, and decodes."""
 import pytest
 import torch
-from tests.test_llm_methods import ctx, logits
-from tests.toy import tiny_llama
 
 from methods import create_method
 from methods.basis_sharing import BasisSharingConfig
@@ -12,6 +10,8 @@ from methods.svd import truncated_svd
 from methods.svd_llm import SVDLLMConfig
 from runners import measure
 from tasks.adapters import LlamaAdapter
+from tests.test_llm_methods import ctx, logits
+from tests.toy import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

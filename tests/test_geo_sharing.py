@@ -10,23 +10,36 @@ import timm
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tests.toy import tiny_llama
 
 import methods.geo_sharing as geo
+from core.errors import ConfigError
+from core.io import read_json
 from methods import CompressContext, create_method
 from methods.basis_sharing import BasisSharingConfig, consecutive_groups, role_path
 from methods.calibration import Gram
 from methods.curvature import top_eigenpairs
-from methods.geo_sharing import (ClassScorer, Curvature, GeoSharingConfig, TwoSidedSharedLinear, class_params,
-                                 colour_component, contiguous_classes, hvp_curvature, lm_loss, num_classes_for,
-                                 trust_region_target, two_sided_rank, weight_loss)
+from methods.geo_sharing import (
+    ClassScorer,
+    Curvature,
+    GeoSharingConfig,
+    TwoSidedSharedLinear,
+    class_params,
+    colour_component,
+    contiguous_classes,
+    hvp_curvature,
+    lm_loss,
+    num_classes_for,
+    trust_region_target,
+    two_sided_rank,
+    weight_loss,
+)
 from methods.modules import SharedBasisLinear
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks.adapters import LlamaAdapter, TimmSwinAdapter, TimmViTAdapter, create_adapter
+from tests.toy import tiny_llama
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 SHARED = ("q", "k", "v", "gate", "up")

@@ -10,12 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from runners.errors import ConfigError
-from runners.record import read_json
+from core.errors import ConfigError
+from core.io import read_json
 from tasks import hf_lm
 from tasks.adapters import LlamaAdapter, create_adapter
-from tasks.hf_lm import (CalibConfig, EmbeddedConfig, EvalConfig, HfLmConfig, HfLmTask, demo_split, encode_stream,
-                         ppl_concat)
+from tasks.hf_lm import (
+    CalibConfig,
+    EmbeddedConfig,
+    EvalConfig,
+    HfLmConfig,
+    HfLmTask,
+    demo_split,
+    encode_stream,
+    ppl_concat,
+)
 
 # far smaller than the demo's recipe: pretrains in a few seconds
 TINY = EmbeddedConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,

@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from runners.errors import ConfigError
-from tasks import TASKS
-from tasks import training
+from core.errors import ConfigError
+from tasks import TASKS, training
 from tasks.adapters import CnnAdapter, TimmViTAdapter, create_adapter
 from tasks.cifar_cnn import CifarCnnConfig, CifarCnnTask
 from tasks.data import DataConfig, load_digits_split, load_fashion_mnist, load_image_data

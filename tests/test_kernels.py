@@ -162,7 +162,7 @@ def test_a_hashed_resnet20_runs_from_the_array_alone_and_is_smaller_than_dense(m
 
 
 def test_kernel_choice_is_checked_before_any_compute():
-    from runners.errors import ConfigError
+    from core.errors import ConfigError
     from runners.schema import MeasureConfig
 
     with pytest.raises(ConfigError, match="measure.kernels='fast'"):

@@ -7,21 +7,29 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tests.toy import tiny_llama
 
+from core.errors import ConfigError
+from core.io import read_json
 from methods import CompressContext, create_method
-from methods.basis_sharing import (BasisSharingConfig, PlanFitter, SharingPlan, basis_rank, consecutive_groups,
-                                   refit_coefficients, role_path)
+from methods.basis_sharing import (
+    BasisSharingConfig,
+    PlanFitter,
+    SharingPlan,
+    basis_rank,
+    consecutive_groups,
+    refit_coefficients,
+    role_path,
+)
 from methods.calibration import Gram, capture_block_inputs, collect_grams, run_blocks
 from methods.modules import LowRankLinear, SharedBasisLinear
 from methods.svd import rank_for_ratio, truncated_svd
 from methods.svd_llm import SVDLLMConfig, whitened_basis, whitened_error, whitening_factor
 from runners import accounting
 from runners.checkpoint import load_compressed
-from runners.errors import ConfigError
-from runners.record import METRICS_JSON, read_json
+from runners.record import METRICS_JSON
 from runners.run import execute, plan
 from tasks.adapters import LlamaAdapter, create_adapter
+from tests.toy import tiny_llama
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

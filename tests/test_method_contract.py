@@ -2,9 +2,10 @@
 over the scope, a bad ratio rejected before anything is built. New methods are picked up automatically."""
 import pytest
 
+from core.errors import ConfigError
+from core.io import read_json
 from methods import METHODS
-from runners.errors import ConfigError
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks import TASKS as TASK_FAMILIES
 from tasks.adapters import create_adapter

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from methods import METHODS
-from runners.errors import ConfigError
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -29,7 +29,7 @@ def test_adding_a_method_example_runs(toy_cfg, tmp_path):
         search = f"hydra.searchpath=[file://{tests_conf},file://{tmp_path / 'conf'}]"
         cfg = toy_cfg("method=random_prune", "method.ratio=0.75", search)
         assert execute(cfg, []) == "done"
-        from runners.record import read_json
+        from core.io import read_json
 
         metrics = read_json(plan(cfg).run_dir / "metrics.json")
         assert metrics["scope/removed_fraction"] == pytest.approx(0.75, abs=0.05)

@@ -15,8 +15,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from runners import report
-from runners.report import (REPORTED_COLUMNS, ReportCallback, ReportedSchemaError, build_tables, collect_runs,
-                            load_reported, write_report)
+from runners.report import (
+    REPORTED_COLUMNS,
+    ReportCallback,
+    ReportedSchemaError,
+    build_tables,
+    collect_runs,
+    load_reported,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "report_table.md"

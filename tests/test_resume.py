@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import methods.svd
+from core.io import read_json
 from methods import CompressContext
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import STAGE_DIR, execute, plan
 from tests.conftest import ROOT, TINY
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 import tests.toy
-from runners.record import METRICS_JSON, RUN_JSON, make_run_id, read_json, stable_hash, write_json_atomic
+from core.io import read_json, stable_hash, write_json_atomic
+from runners.record import METRICS_JSON, RUN_JSON, make_run_id
 from runners.run import execute, plan
 
 RUN_KEYS = {"run_id", "status", "experiment", "config", "overrides", "seeds", "stages", "error", "traceback",

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from runners.record import METRICS_JSON, RUN_JSON, read_json
+from core.io import read_json
+from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import STAGE_DIR, execute, plan
 from slurm import points as points_cli
 from slurm import prefetch

@@ -10,14 +10,22 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from core.errors import ConfigError
 from methods.base import CompressContext
-from methods.hashing import (HashedConv2d, HashedLinear, HashingConfig, hashednet_index, randomfold_index,
-                             roast_index, share_weights, slot_indices)
+from methods.hashing import (
+    HashedConv2d,
+    HashedLinear,
+    HashingConfig,
+    hashednet_index,
+    randomfold_index,
+    roast_index,
+    share_weights,
+    slot_indices,
+)
 from methods.magnitude import kept_count
 from methods.stable_rps import StableRPS, StableRPSConfig
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
-from runners.errors import ConfigError
 from tasks.adapters import create_adapter
 from tasks.models import resnet
 

@@ -5,7 +5,8 @@ import struct
 import time
 from pathlib import Path
 
-from runners.record import RUN_JSON, read_json
+from core.io import read_json
+from runners.record import RUN_JSON
 from runners.run import execute
 
 

@@ -10,9 +10,9 @@ import datasets
 import pytest
 import torch
 
+from core.errors import ConfigError
 from methods import CompressContext, create_method
 from methods.svd import SVDConfig
-from runners.errors import ConfigError
 from tasks import hf_lm
 from tasks.adapters import create_adapter
 from tasks.hf_lm import CalibConfig, EmbeddedConfig, EvalConfig, HfLmConfig, HfLmTask, ZeroShotConfig, ppl_concat

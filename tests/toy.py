@@ -8,7 +8,6 @@ from torch import nn
 
 from tasks.base import TASKS, Task, TaskConfig
 
-
 TRAIN_STEPS = 6
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 
 
 class BasicBlock(nn.Module):

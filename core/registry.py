@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from runners.errors import ConfigError
+from core.errors import ConfigError
 
 T = TypeVar("T")
 
