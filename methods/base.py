@@ -49,8 +49,30 @@ class CompressContext:
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    # -- the task's data: the only door methods use (``Task.DATA_KINDS``) ---------------------------------------
+    def provides(self, kind: str) -> bool:
+        """Whether the task supplies the data kind ``kind`` (e.g. ``stratified_batches``)."""
+        return self.task.provides(kind)
+
     def calibration_batches(self) -> Iterable[Any]:
+        """Model-ready calibration batches (token windows, images), chosen by the run's seed."""
         return self.task.calibration_batches(self.seed)
+
+    def labelled_calibration_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, labels) calibration batches; ``ConfigError`` where the task has no labels."""
+        return self.task.labelled_calibration_batches(self.seed)
+
+    def stratified_batches(self, n_items: int, batch_size: int) -> tuple[Iterable[torch.Tensor], int]:
+        """(``n_items`` class-stratified training inputs in batches, number of batches)."""
+        return self.task.stratified_batches(self.seed, n_items, batch_size)
+
+    def training_batches(self, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled, augmented (inputs, labels) training batches."""
+        return self.task.training_batches(self.seed, batch_size)
+
+    def train(self, model: nn.Module, after_step=None, log=None, ckpt_path: Path | None = None) -> dict[str, Any]:
+        """The task's training loop on ``model`` (``Task.train``), for methods that train between their steps."""
+        return self.task.train(model, self.seed, after_step=after_step, log=log, ckpt_path=ckpt_path)
 
     def checkpointed(self, name: str, compute: Callable[[], Any]) -> Any:
         """``compute()``, saved to ``<stage_dir>/<name>.pt`` the first time and loaded (onto ``device``) instead of

@@ -36,6 +36,12 @@ class ModelAdapter:
     mlp_roles: ClassVar[tuple[str, ...]] = ()
     input_groups: ClassVar[tuple[tuple[str, ...], ...]] = ()
     default_scope: ClassVar[str] = "prunable"
+    #: the model kind when the model carries none (``model_kind``), e.g. "vit"; transformers models name their own
+    kind: ClassVar[str | None] = None
+    #: whether blocks fall into stages with transitions between them (Swin); see ``stage_of``
+    has_stages: ClassVar[bool] = False
+    #: whether the model is a causal language model (block outputs are token states; FiPS reconstructs its MLPs)
+    causal_lm: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -64,6 +70,57 @@ class ModelAdapter:
     def role_paths(self, role: str) -> list[str]:
         """Qualified names of the ``role`` linear in every block, in block order."""
         return [f"{b}.{self.roles[role]}" for b in self.block_paths()]
+
+    def role_path(self, role: str, layer: int) -> str:
+        """Qualified name of the ``role`` linear of block ``layer``."""
+        return f"{self.block_paths()[layer]}.{self.roles[role]}"
+
+    def model_kind(self) -> str | None:
+        """transformers' ``config.model_type`` (e.g. "llama", "mistral"), else the adapter's ``kind``."""
+        kind = getattr(getattr(self.model, "config", None), "model_type", None)
+        return kind if kind is not None else self.kind
+
+    def stage_of(self, block_path: str) -> int:
+        """The stage a block belongs to (0 for models without stages)."""
+        return 0
+
+    def mlp_path(self) -> str:
+        """The path, inside a block, of the module holding all MLP roles (e.g. ``mlp``); ``ConfigError`` when the
+        MLP roles do not sit under one submodule."""
+        parents = {self.roles[r].rpartition(".")[0] for r in self.mlp_roles}
+        if len(parents) != 1 or "" in parents:
+            raise ConfigError(f"{type(self).__name__}: the MLP roles are not under one submodule ({sorted(parents)})")
+        return parents.pop()
+
+    def scope_roles(self, scope: str) -> dict[int, list[str]]:
+        """{block index: the roles of that block that ``scope`` holds}, roles in adapter order; ``ConfigError``
+        when the scope holds a module that is not a named role of a block."""
+        index = {f"{b}.{self.roles[r]}": (i, r) for i, b in enumerate(self.block_paths()) for r in self.roles}
+        out: dict[int, list[str]] = {}
+        for p in self.scope(scope):
+            if p not in index:
+                raise ConfigError(f"scope {scope!r} holds layers outside the blocks' linear roles ({p}); "
+                                  "use scope linear, attention or mlp")
+            i, r = index[p]
+            out.setdefault(i, []).append(r)
+        return out
+
+    def check_block_linears(self, method: str, scope: str) -> None:
+        """Refuse, for block-wise calibration methods, a model without named roles, a scope with layers outside the
+        blocks' linear roles, layers that are not ``nn.Linear``, and weights offloaded to disk (``meta``)."""
+        if not self.roles or not self.block_paths():
+            raise ConfigError(f"{method} needs a transformer adapter with named linear roles; "
+                              f"{type(self.model).__name__} has none")
+        try:
+            self.scope_roles(scope)
+        except ConfigError as e:
+            raise ConfigError(f"{method}: {e}") from None
+        for path, layer in self.scope(scope).items():
+            if not isinstance(layer, nn.Linear):
+                raise ConfigError(f"{method} compresses nn.Linear layers; {path} is {type(layer).__name__}")
+            if layer.weight.device.type == "meta":
+                raise ConfigError(f"{method}: {path} is offloaded to disk (meta weights); block-wise calibration "
+                                  "needs every weight in GPU or CPU memory")
 
     def scope_names(self) -> list[str]:
         return ["auto", "linear", "attention", "mlp", "prunable"]
@@ -101,6 +158,7 @@ class LlamaAdapter(ModelAdapter):
     """transformers decoder-only models with LLaMA naming (LLaMA 1-3, Mistral, Qwen2, Gemma 1-2)."""
 
     default_scope = "linear"
+    causal_lm = True
     roles = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
     attention_roles = ("q", "k", "v", "o")
@@ -122,6 +180,7 @@ class TimmViTAdapter(ModelAdapter):
     """timm VisionTransformer / DeiT: ``blocks[i].attn.{qkv,proj}``, ``blocks[i].mlp.{fc1,fc2}``."""
 
     default_scope = "linear"
+    kind = "vit"
     roles = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
     attention_roles = ("qkv", "proj")
     mlp_roles = ("fc1", "fc2")
@@ -141,6 +200,8 @@ class TimmSwinAdapter(ModelAdapter):
     """timm SwinTransformer: ``layers[s].blocks[j]`` with the ViT block naming; stages stay distinct."""
 
     default_scope = "linear"
+    kind = "swin"
+    has_stages = True
     roles = TimmViTAdapter.roles
     attention_roles = TimmViTAdapter.attention_roles
     mlp_roles = TimmViTAdapter.mlp_roles

@@ -81,9 +81,33 @@ class Task:
         """Quality metrics plus ``protocol/...`` fields that qualify them."""
         raise NotImplementedError
 
+    # -- data a method may ask for (through ``CompressContext``); a family that lacks a kind raises ConfigError -----
+    DATA_KINDS: ClassVar[tuple[str, ...]] = ("calibration_batches", "labelled_calibration_batches",
+                                             "stratified_batches", "training_batches")
+
     def calibration_batches(self, seed: int) -> Iterable[Any]:
-        """Batches for post-training methods (inputs the model's forward accepts)."""
+        """Batches for post-training methods (inputs the model's forward accepts), chosen by ``seed``."""
         raise NotImplementedError
+
+    def labelled_calibration_batches(self, seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, labels) batches of the calibration set on the device, chosen by ``seed`` (losses for Hessians)."""
+        raise ConfigError(f"task family {self.name} provides no labelled calibration batches")
+
+    def stratified_batches(self, seed: int, n_items: int, batch_size: int) -> tuple[Iterable[torch.Tensor], int]:
+        """(model-ready batches of ``n_items`` unaugmented, class-stratified training inputs chosen by ``seed``,
+        number of batches): the calibration protocol of FiPS and AAFM / GFM."""
+        raise ConfigError(f"task family {self.name} provides no class-stratified batches")
+
+    def training_batches(self, seed: int, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled (inputs, labels) training batches on the device, with the task's augmentation."""
+        raise ConfigError(f"task family {self.name} provides no training batches")
+
+    @classmethod
+    def provides(cls, kind: str) -> bool:
+        """Whether the family implements the data kind ``kind`` (one of ``DATA_KINDS``)."""
+        if kind not in cls.DATA_KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(cls.DATA_KINDS)}")
+        return getattr(cls, kind) is not getattr(Task, kind)
 
     def example_inputs(self) -> tuple[Any, ...]:
         """Positional inputs for one forward at ``cfg.measure`` shape, for latency / FLOPs / memory."""
