@@ -87,7 +87,7 @@ class Task:
 
     def calibration_batches(self, seed: int) -> Iterable[Any]:
         """Batches for post-training methods (inputs the model's forward accepts), chosen by ``seed``."""
-        raise NotImplementedError
+        raise ConfigError(f"task family {self.name} provides no calibration batches")
 
     def labelled_calibration_batches(self, seed: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) batches of the calibration set on the device, chosen by ``seed`` (losses for Hessians)."""

@@ -5,7 +5,9 @@ An image task either loads a dense model from a local ``.safetensors`` checkpoin
 that of the config fields that change the weights plus the seed. A file lock makes parallel runs train it once.
 
 Metrics: ``acc/top1``, ``acc/top5`` (>= 5 classes), ``loss/test`` and ``protocol/{dataset,split,n_test,image_size}``.
-Calibration: 10 training images per class (Synaptic-Flow's data-driven pruning convention), seeded, unaugmented.
+Calibration (``labelled_calibration_batches``): 10 training images per class (Synaptic-Flow's data-driven pruning
+convention), seeded, unaugmented. ``training_batches``: endless shuffled, augmented training batches (fine-tuning
+stages of compression methods).
 """
 from __future__ import annotations
 
@@ -225,7 +227,7 @@ class ImageTask(Task):
                     "protocol/n_test": len(d.test), "protocol/image_size": d.image_size})
         return out
 
-    def calibration_labeled_batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    def labelled_calibration_batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(x, y) batches on the device: ``calib_per_class`` train images of every class, chosen by ``seed``."""
         d = self.data
         gen = torch.Generator().manual_seed(seed)
@@ -233,8 +235,20 @@ class ImageTask(Task):
         yield from d.batches("train", self.cfg.calib_batch_size, self.device, indices=idx)
 
     def calibration_batches(self, seed: int) -> Iterator[Tensor]:
-        for x, _ in self.calibration_labeled_batches(seed):
+        for x, _ in self.labelled_calibration_batches(seed):
             yield x
+
+    def training_batches(self, seed: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless shuffled (x, y) train batches on the device (a new permutation every pass), with the task's
+        augmentation (``train.augment``: random crop + flip on raw pixels; none for ``data.transform: timm``)."""
+        d = self.data
+        shuffle = torch.Generator().manual_seed(seed)
+        aug_gen = torch.Generator().manual_seed(seed + 1)
+        augment = None
+        if self.cfg.train.augment and not d.normalized:
+            augment = lambda x: training.random_crop_flip(x, self.cfg.train.crop_padding, aug_gen)  # noqa: E731
+        while True:
+            yield from d.batches("train", batch_size, self.device, generator=shuffle, augment=augment)
 
     def input_shape(self) -> tuple[int, int, int]:
         d = self.cfg.data

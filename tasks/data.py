@@ -328,3 +328,24 @@ def per_class_indices(labels: Tensor, per_class: int, generator: torch.Generator
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:per_class]])
     out = torch.cat(picks)
     return out[torch.randperm(len(out), generator=generator)]
+
+
+def stratified_indices(labels: Tensor, n: int, generator: torch.Generator, per_pass: int = 3) -> Tensor:
+    """``n`` indices drawn class by class as FiPS's stratified sampler: passes over the classes (in random order)
+    take ``per_pass`` unused images of each class until ``n`` are taken (ImageNet, n = 3840: every class gets 3,
+    then 280 classes 3 more); all images when ``n`` exceeds them. Returned shuffled."""
+    labels = torch.as_tensor(labels)
+    pools = [idx[torch.randperm(len(idx), generator=generator)]
+             for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]
+    taken, used, total = [], [0] * len(pools), min(n, len(labels))
+    count = 0
+    while count < total:
+        for c in torch.randperm(len(pools), generator=generator).tolist():
+            take = pools[c][used[c]:used[c] + min(per_pass, total - count)]
+            used[c] += len(take)
+            count += len(take)
+            taken.append(take)
+            if count >= total:
+                break
+    out = torch.cat(taken) if taken else torch.zeros(0, dtype=torch.long)
+    return out[torch.randperm(len(out), generator=generator)]

@@ -2,7 +2,8 @@
 
 The dense model comes from a local ``checkpoint`` (.safetensors), from the hub (``pretrained: true``, where reachable),
 or is trained from scratch with the task's recipe and cached like ``cifar_cnn`` (the small demo ViTs). Evaluation,
-calibration and example inputs are those of ``tasks.cifar_cnn.ImageTask``. With ``data.transform: timm`` ImageFolder
+calibration, training batches and example inputs are those of ``tasks.cifar_cnn.ImageTask``; the family adds the
+class-stratified calibration of FiPS and AAFM / GFM (``stratified_batches``). With ``data.transform: timm`` ImageFolder
 images go through the model's own eval transform (``resolve_data_config`` + ``create_transform(is_training=False)``).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from core.errors import ConfigError
 from tasks.base import TASKS
 from tasks.cifar_cnn import ImageTask, ImageTaskConfig
-from tasks.training import random_crop_flip
+from tasks.data import stratified_indices
 
 
 @dataclass
@@ -91,44 +92,12 @@ class TimmImageTask(ImageTask):
             return tuple(self.data_transform_config()["input_size"])
         return super().input_shape()
 
-    # -- data for methods with their own calibration / fine-tuning protocol (FiPS, AAFM / GFM) -------------------
-    def stratified_calibration_batches(self, seed: int, n_images: int, batch_size: int) -> Iterator[Tensor]:
-        """Model-ready batches of ``n_images`` unaugmented train images on the device, class-stratified as FiPS's
-        sampler (``stratified_indices``), chosen by ``seed``."""
+    # -- class-stratified calibration for methods with their own protocol (FiPS, AAFM / GFM) --------------------
+    def stratified_batches(self, seed: int, n_items: int, batch_size: int) -> tuple[Iterator[Tensor], int]:
+        """(model-ready batches [<= batch_size, C, H, W] of ``min(n_items, train size)`` unaugmented train images on
+        the device, class-stratified as FiPS's sampler (``tasks.data.stratified_indices``) and chosen by ``seed``;
+        number of batches)."""
         d = self.data
-        idx = stratified_indices(d.targets("train"), n_images, torch.Generator().manual_seed(seed))
-        for x, _ in d.batches("train", batch_size, self.device, indices=idx):
-            yield x
-
-    def training_batches(self, seed: int, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Endless shuffled (x, y) train batches on the device (a new permutation every pass), with the task's
-        augmentation (``train.augment``: random crop + flip on raw pixels; none for ``data.transform: timm``)."""
-        d = self.data
-        shuffle = torch.Generator().manual_seed(seed)
-        aug_gen = torch.Generator().manual_seed(seed + 1)
-        augment = None
-        if self.cfg.train.augment and not d.normalized:
-            augment = lambda x: random_crop_flip(x, self.cfg.train.crop_padding, aug_gen)  # noqa: E731
-        while True:
-            yield from d.batches("train", batch_size, self.device, generator=shuffle, augment=augment)
-
-
-def stratified_indices(labels: Tensor, n: int, generator: torch.Generator, per_pass: int = 3) -> Tensor:
-    """``n`` indices drawn class by class as FiPS's stratified sampler: passes over the classes (in random order)
-    take ``per_pass`` unused images of each class until ``n`` are taken (ImageNet, n = 3840: every class gets 3,
-    then 280 classes 3 more); all images when ``n`` exceeds them. Returned shuffled."""
-    labels = torch.as_tensor(labels)
-    pools = [idx[torch.randperm(len(idx), generator=generator)]
-             for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]
-    taken, used, total = [], [0] * len(pools), min(n, len(labels))
-    count = 0
-    while count < total:
-        for c in torch.randperm(len(pools), generator=generator).tolist():
-            take = pools[c][used[c]:used[c] + min(per_pass, total - count)]
-            used[c] += len(take)
-            count += len(take)
-            taken.append(take)
-            if count >= total:
-                break
-    out = torch.cat(taken) if taken else torch.zeros(0, dtype=torch.long)
-    return out[torch.randperm(len(out), generator=generator)]
+        n_batches = -(-min(n_items, len(d.split("train"))) // batch_size)
+        idx = stratified_indices(d.targets("train"), n_items, torch.Generator().manual_seed(seed))
+        return (x for x, _ in d.batches("train", batch_size, self.device, indices=idx)), n_batches

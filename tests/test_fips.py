@@ -30,7 +30,7 @@ from runners.checkpoint import load_compressed, save_compressed
 from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks.adapters import create_adapter
-from tasks.timm_image import stratified_indices
+from tasks.data import stratified_indices
 from tests.toy import tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -506,7 +506,7 @@ def test_timm_task_builds_a_tiny_swin_from_yaml_lists(tmp_path):
     model = task._fresh_model(0)
     adapter = create_adapter(model)
     assert isinstance(adapter, TimmSwinAdapter) and len(adapter.block_paths()) == 4
-    batches = list(task.stratified_calibration_batches(0, 40, 16))
+    batches = list(task.stratified_batches(0, 40, 16)[0])
     assert [len(b) for b in batches] == [16, 16, 8] and batches[0].shape[1:] == (1, 8, 8)
     x, y = next(task.training_batches(0, 12))
     assert x.shape == (12, 1, 8, 8) and y.shape == (12,)

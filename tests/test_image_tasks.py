@@ -344,7 +344,7 @@ def test_cnn_task_build_cache_evaluate_calibrate(tmp_path, monkeypatch):
     assert metrics["protocol/dataset"] == "digits" and metrics["protocol/n_test"] == 360
     assert metrics["protocol/image_size"] == 8 and metrics["protocol/split"] == "test"
 
-    labeled = list(task.calibration_labeled_batches(0))
+    labeled = list(task.labelled_calibration_batches(0))
     ys = torch.cat([y for _, y in labeled])
     assert torch.bincount(ys).tolist() == [10] * 10
     xs = torch.cat([x for x in task.calibration_batches(0)])
@@ -352,6 +352,33 @@ def test_cnn_task_build_cache_evaluate_calibrate(tmp_path, monkeypatch):
     assert not torch.equal(xs, torch.cat(list(task.calibration_batches(1))))
     (x,) = task.example_inputs()
     assert x.shape == (1, 1, 8, 8) and torch.equal(x, task.example_inputs()[0])
+
+
+def test_stratified_batches_count_and_balance(tmp_path):
+    task = vit_task(tmp_path)
+    batches, n = task.stratified_batches(0, 40, 16)
+    xs = list(batches)
+    assert n == len(xs) == 3 and [len(x) for x in xs] == [16, 16, 8] and xs[0].shape[1:] == (1, 8, 8)
+    n_train = len(task.data.split("train"))
+    batches, n = task.stratified_batches(0, 10 * n_train, 500)  # more than the split: all of it
+    assert n == -(-n_train // 500) == len(list(batches))
+    again, _ = task.stratified_batches(0, 40, 16)
+    assert all(torch.equal(a, b) for a, b in zip(xs, again))
+    other, _ = task.stratified_batches(1, 40, 16)
+    assert not torch.equal(xs[0], next(iter(other)))
+
+
+def test_training_batches_are_endless_shuffled_and_augmented(tmp_path):
+    task = cnn_task(tmp_path, train=tiny_train(augment=True))
+    n_train = len(task.data.split("train"))
+    stream = task.training_batches(0, 500)
+    first = [next(stream) for _ in range(-(-n_train // 500) + 1)]  # past the end of one pass
+    assert all(x.shape[1:] == (1, 8, 8) and len(x) == len(y) for x, y in first)
+    assert sum(len(y) for _, y in first[:-1]) == n_train
+    x, y = next(task.training_batches(0, 500))
+    assert torch.equal(x, first[0][0]) and torch.equal(y, first[0][1])
+    plain = next(cnn_task(tmp_path).training_batches(0, 500))
+    assert torch.equal(plain[1], y) and not torch.equal(plain[0], x)  # same order, augmentation on top
 
 
 def test_parallel_builds_train_once(tmp_path, monkeypatch):

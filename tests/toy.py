@@ -64,7 +64,7 @@ class Toy(Task):
     def _labels(self):
         return torch.randint(0, self.cfg.width, (64,), generator=torch.Generator().manual_seed(321))
 
-    def calibration_labeled_batches(self, seed):
+    def labelled_calibration_batches(self, seed):
         """(x, y): the toy's outputs are read as ``width``-class logits (for data-driven pruning scores)."""
         yield self._data()[:16], self._labels()[:16]
 
