@@ -4,8 +4,10 @@
 The scope's Linear/Conv2d weights (stem and classifier included; biases and norms stay dense) get one global mask.
 Scores are computed in eval mode on the freshly initialised model; for ``iterations`` = E rounds the model is scored
 with the current masks and the mask is recomputed from scratch at density (1 - ratio)^(k / E) (the exponential
-schedule), ending at exactly ``kept_count(n, ratio)`` weights. The masked model is then trained with the task's
-recipe, the masks re-imposed after every optimizer step.
+schedule), ending at exactly ``kept_count(n, ratio)`` weights. Between rounds only the masks change: the weights
+stay as initialised (a weight masked in one round and kept in a later one starts training at its initial value, as
+in Synaptic-Flow's loop); the pruned weights are zeroed after the last round. The masked model is then trained with
+the task's recipe, the masks re-imposed after every optimizer step.
 
 Scores (higher is kept):
   mag      |w|
@@ -37,7 +39,8 @@ Masked = (MaskedLinear, MaskedConv2d)
 
 # -- scores --------------------------------------------------------------------------------------------------------
 def magnitude_scores(layers: list[nn.Module]) -> list[Tensor]:
-    return [layer.weight.detach().abs() for layer in layers]
+    """|w (.) mask|: the magnitudes of the weights the current masks keep."""
+    return [layer.masked_weight().detach().abs() for layer in layers]
 
 
 def random_scores(layers: list[nn.Module], generator: torch.Generator) -> list[Tensor]:
@@ -96,12 +99,10 @@ def synflow_scores(net: nn.Module, paths: list[str], input_shape: tuple[int, ...
     return [(g * w).detach().abs() for g, w in zip(grads, weights)]
 
 
-def labeled_calibration(ctx: CompressContext) -> list[tuple[Tensor, Tensor]]:
-    """The task's (x, y) calibration batches (10 training images per class for the image tasks)."""
-    source = getattr(ctx.task, "calibration_labeled_batches", None)
-    if source is None:
-        raise ConfigError(f"task family {ctx.task.name} has no labelled calibration data for data-driven pruning")
-    return list(source(ctx.seed))
+def labelled_calibration(ctx: CompressContext) -> list[tuple[Tensor, Tensor]]:
+    """The task's (x, y) calibration batches (10 training images per class for the image tasks); ``ConfigError``
+    where the task has no labels."""
+    return list(ctx.labelled_calibration_batches())
 
 
 def enforce_masks(model: nn.Module) -> None:
@@ -170,7 +171,9 @@ class PruneAtInit(Method):
                 raise FloatingPointError(f"{self.name}: non-finite pruning scores in round {k}")
             n_keep = n_final if k == self.cfg.iterations else round(n * (n_final / n) ** (k / self.cfg.iterations))
             for layer, mask in zip(layers, global_score_masks(scores, n_keep)):
-                layer.set_mask(mask)
+                layer.mask.copy_(mask)  # masks only: the weights stay intact between rounds
+        for layer in layers:
+            layer.enforce_mask()
         kept = sum(int(layer.mask.sum()) for layer in layers)
         return {"method/pruned_weights": n - kept, **density_metrics(paths, layers)}
 
@@ -220,7 +223,7 @@ class Snip(PruneAtInit):
     config_class = SnipConfig
 
     def scorer(self, model, paths, layers, ctx):
-        data = labeled_calibration(ctx)
+        data = labelled_calibration(ctx)
         return lambda: snip_scores(model, layers, data)
 
 
@@ -243,7 +246,7 @@ class Grasp(PruneAtInit):
     cfg: GraspConfig
 
     def scorer(self, model, paths, layers, ctx):
-        data = labeled_calibration(ctx)
+        data = labelled_calibration(ctx)
         return lambda: grasp_scores(model, layers, data, self.cfg.temperature)
 
 

@@ -48,7 +48,7 @@ class FakeTask:
         self.y = torch.randint(0, 3, (12,), generator=g)
         self.steps = steps
 
-    def calibration_labeled_batches(self, seed):
+    def labelled_calibration_batches(self, seed):
         yield self.x[:6], self.y[:6]
         yield self.x[6:], self.y[6:]
 
@@ -125,6 +125,19 @@ def test_masked_weights_stay_zero_through_training(name):
     assert model.conv2.bias.requires_grad and model.bn.weight.requires_grad
 
 
+@pytest.mark.parametrize("name", PRUNERS)
+def test_iterative_rounds_change_masks_only_and_keep_the_initial_weights(name):
+    """With iterations > 1 a weight masked in an early round and kept at the end starts training at its initial
+    value (Synaptic-Flow's loop); only the finally pruned weights are zero."""
+    model = fresh()
+    initial = [layer.weight.detach().clone() for layer in (model.conv1, model.conv2, model.fc)]
+    model, _, _ = prune(name, 0.9, model=model, iterations=5)
+    for layer, w0 in zip(masked_layers(model), initial):
+        assert torch.equal(layer.weight[layer.mask], w0[layer.mask])
+        assert (layer.weight[~layer.mask] == 0).all()
+    assert sum(int(m.mask.sum()) for m in masked_layers(model)) == kept_count(N, 0.9)
+
+
 def test_random_masks_change_with_the_seed_and_are_about_uniform_per_layer():
     a, _, _ = prune("random", 0.5, seed=0)
     b, _, _ = prune("random", 0.5, seed=1)
@@ -162,7 +175,7 @@ def flat_weights(model):
 
 def test_snip_matches_central_differences_of_the_loss_in_each_mask_entry():
     model, task = fresh(), FakeTask()
-    batches = list(task.calibration_labeled_batches(0))
+    batches = list(task.labelled_calibration_batches(0))
     theta = flat_weights(model)
     eps = 1e-6
     ref = torch.empty_like(theta)
@@ -178,7 +191,7 @@ def test_snip_matches_central_differences_of_the_loss_in_each_mask_entry():
 
 def test_grasp_matches_the_explicit_hessian_times_the_gradient():
     model, task = fresh(), FakeTask()
-    batches = list(task.calibration_labeled_batches(0))
+    batches = list(task.labelled_calibration_batches(0))
     theta = flat_weights(model)
     T = 200.0
 
