@@ -99,16 +99,32 @@ print(json.dumps({"ppl": math.exp(float(sum(losses)) / n), "n": n, "project_modu
 """
 
 
-def test_hf_export_of_demo_lm_gives_the_runs_perplexity_in_plain_transformers(task_cfg, tmp_path):
-    from tasks.lm.corpora import CORPORA, JOIN
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, shared_cache):
+    """(config, run folder) of a finished tiny demo_lm svd run saved with save_model=true."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    cfg = task_cfg("demo_lm", "method=svd", "method.ratio=0.5", "save_model=true", "measure.latency=false",
-                   "measure.decode=none")
+    from tests.conftest import ROOT, TINY
+
+    out = tmp_path_factory.mktemp("lm")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("run", overrides=["task=demo_lm", *TINY["demo_lm"], "logger=none", f"out_dir={out}",
+                                        f"cache_dir={shared_cache}", "progress=false", "measure.latency=false",
+                                        "measure.decode=none", "method=svd", "method.ratio=0.5", "save_model=true"])
+    GlobalHydra.instance().clear()
     assert execute(cfg, []) == "done"
-    p = plan(cfg)
-    metrics = read_json(p.run_dir / METRICS_JSON)
+    return cfg, plan(cfg).run_dir
+
+
+def test_hf_export_of_demo_lm_gives_the_runs_perplexity_in_plain_transformers(lm_run, tmp_path):
+    from tasks.hf_lm import CORPORA, JOIN
+
+    cfg, run_dir = lm_run
+    metrics = read_json(run_dir / METRICS_JSON)
     folder = tmp_path / "hf"
-    assert main([str(p.run_dir), str(folder)]) == 0
+    assert main([str(run_dir), str(folder)]) == 0
     card = (folder / "README.md").read_text()
     assert "svd" in card and "ppl/demo" in card and "materialised" in card
     exported = read_json(folder / EXPORT_JSON)
@@ -153,3 +169,28 @@ def test_export_without_a_saved_model_is_one_line_exit_2(toy_cfg, tmp_path, caps
     assert err.startswith("error:") and "save_model=true" in err and "\n" not in err
     assert not (tmp_path / "x").exists()
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
+
+
+def test_eval_adds_a_perplexity_set_to_the_run_and_to_an_export(lm_run, tmp_path, capsys):
+    from runners import eval as reeval
+    from runners.report import collect_runs
+
+    cfg, run_dir = lm_run
+    before = read_json(run_dir / METRICS_JSON)
+    text = tmp_path / "extra.txt"
+    text.write_text("\n".join(f"def f{i}(x):\n    return x * {i} + len(str(x))" for i in range(400)))
+    assert reeval.main([str(run_dir), f"+task.eval.text_files.extra={text}"]) == 0
+    after = read_json(run_dir / METRICS_JSON)
+    assert {k: after[k] for k in before} == before
+    assert after["ppl/extra"] > 1 and after["protocol/ppl/extra/dataset"].startswith("file extra.txt")
+    (entry,) = read_json(run_dir / "run.json")["reevaluations"]
+    assert "ppl/extra" in entry["metrics"] and entry["overrides"] == [f"+task.eval.text_files.extra={text}"]
+    assert collect_runs(cfg.out_dir).set_index("run_id").loc[run_dir.name, "ppl/extra"] == after["ppl/extra"]
+    folder = tmp_path / "hf"
+    export(run_dir, folder, "hf")
+    assert reeval.main([str(folder), f"+task.eval.text_files.extra={text}"]) == 0
+    assert read_json(folder / EXPORT_JSON)["metrics"]["ppl/extra"] == pytest.approx(after["ppl/extra"], rel=1e-5)
+    capsys.readouterr()
+    assert reeval.main([str(run_dir), "method.ratio=0.3"]) == 2
+    assert "only key=value overrides" in capsys.readouterr().err
+    assert read_json(run_dir / METRICS_JSON) == after
