@@ -70,7 +70,9 @@ def snapshot_model(repo_id: str, revision: str | None) -> str:
 
 
 def hf_lm_fetches(task: Task) -> list[Fetch]:
-    from tasks.hf_lm import CORPORA, EMBEDDED, _looks_like_path
+    from tasks.hf_lm import _looks_like_path
+    from tasks.lm.corpora import CORPORA
+    from tasks.lm.embedded import EMBEDDED
 
     cfg = task.cfg
     out = []

@@ -1,61 +1,32 @@
 """Causal language models from transformers (family ``hf_lm``): perplexity, calibration windows, example inputs.
 
 The model is a hub id, a local ``save_pretrained`` directory, or ``embedded``: a small LLaMA-architecture model
-pretrained on first use on the prose shipped with Python (``pydoc_data.topics``), with its own byte-level BPE
-tokenizer, so the whole pipeline runs offline on a CPU. The embedded model is cached under
-``<cache_dir>/hf_lm/embedded-<hash>/`` (``save_pretrained`` format); the hash covers its recipe and the corpus.
-
-Perplexity (``ppl_concat``, the SparseGPT / Wanda ``eval_ppl`` protocol): a split's documents are joined with
-"\\n\\n" and tokenized as one stream (BOS prepended once, explicitly, when ``eval.add_bos``), cut into
-``numel // seqlen`` non-overlapping windows (remainder dropped), and ppl = exp(mean over windows of the per-window
-mean next-token NLL). Every qualifier of the number is returned as a ``protocol/...`` field.
-
-Named text sources live in ``CORPORA``. ``demo`` is the embedded model's corpus: whole pydoc topics, split at the
-document level (documents that share paragraphs stay on the same side) into ``train`` (~87 %: tokenizer,
-pretraining, calibration) and ``test`` (~13 %: perplexity only). The hub corpora of the LLM compression papers are
-read with ``datasets`` (downloaded once into its cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``),
-``ptb`` (ptb_text_only, field ``sentence``) and ``c4`` (SparseGPT's shard: the first 1100 documents of
-``en/c4-validation.00000-of-00008``, at most 256 windows; calibration from ``en/c4-train.00000-of-01024``).
-``eval.text_files`` evaluates any local text file, for clusters without hub access.
-
-Zero-shot accuracy (``zeroshot.tasks``) runs lm-eval's ``simple_evaluate`` on the in-memory model (``HFLM``), so
-a compressed model is scored as it is, and reports ``zeroshot/<task>/{acc,acc_stderr,acc_norm,acc_norm_stderr}``,
-their mean over tasks ``zeroshot/mean/acc`` (and ``acc_norm``), the lm-eval version and every task's version.
+pretrained on first use on the prose shipped with Python (tasks/lm/embedded.py), so the whole pipeline runs offline
+on a CPU. Perplexity follows ``ppl_concat`` (tasks/lm/perplexity.py) on named corpora (``CORPORA``,
+tasks/lm/corpora.py) or local text files (``eval.text_files``, for clusters without hub access); every qualifier of
+the number is returned as a ``protocol/...`` field. ``zeroshot.tasks`` adds lm-eval zero-shot accuracy
+(tasks/lm/zeroshot.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import logging
-import math
 import os
 import re
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
-from core.io import file_lock, stable_hash, write_json_atomic
 from tasks.base import TASKS, Task, TaskConfig
+from tasks.lm.corpora import CORPORA, JOIN, encode_stream, file_sha256, read_text_file
+from tasks.lm.embedded import EMBEDDED, EmbeddedConfig, embedded_key, ensure_embedded
+from tasks.lm.perplexity import ppl_concat
+from tasks.lm.zeroshot import ZeroShotConfig, zeroshot_scores
 
-log = logging.getLogger(__name__)
-
-JOIN = "\n\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EMBEDDED = "embedded"
-# bump when a change to the corpus split, tokenizer or pretraining recipe makes cached embedded models stale
-EMBEDDED_VERSION = 1
-EMBEDDED_MAX_POSITIONS = 2048
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
@@ -102,63 +73,6 @@ class CalibConfig:
 
 
 @dataclass
-class ZeroShotConfig:
-    """lm-eval tasks scored on the in-memory model (0-shot multiple choice in the papers)."""
-
-    tasks: list[str] = field(default_factory=list)  # e.g. openbookqa, arc_easy, arc_challenge, winogrande, ...
-    batch_size: int = 32  # fixed, never "auto", so padding and results do not depend on the GPU
-    num_fewshot: int = 0
-    limit: int | None = None  # first examples of every task only (smoke tests); None: all
-    include_path: str | None = None  # a folder of extra lm-eval task YAMLs (local or offline tasks)
-    include_defaults: bool = True  # lm-eval's built-in tasks; false with include_path skips indexing them
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"task.zeroshot.batch_size={self.batch_size} must be >= 1")
-        if self.num_fewshot < 0:
-            raise ConfigError(f"task.zeroshot.num_fewshot={self.num_fewshot} must be >= 0")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"task.zeroshot.limit={self.limit} must be >= 1 (or null for all examples)")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"task.zeroshot.tasks={list(self.tasks)} lists a task twice")
-        if self.tasks and not self.include_defaults and not self.include_path:
-            raise ConfigError("task.zeroshot: include_defaults=false needs an include_path with the task YAMLs")
-
-
-@dataclass
-class EmbeddedConfig:
-    """Recipe of the embedded demo model (LLaMA architecture, pretrained on the ``demo`` train split on CPU)."""
-
-    vocab_size: int = 2000
-    hidden_size: int = 96
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 256
-    train_seqlen: int = 128
-    steps: int = 400
-    batch_size: int = 8
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    seed: int = 0  # pretraining seed, independent of the run seed (the dense model is a fixed checkpoint)
-
-    def __post_init__(self) -> None:
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ConfigError(f"task.embedded.vocab_size={self.vocab_size} must be >= {256 + len(SPECIAL_TOKENS)} "
-                              "(the byte alphabet plus special tokens)")
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"task.embedded.{key}={getattr(self, key)} must be >= 1")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(f"task.embedded.hidden_size={self.hidden_size} must be num_heads={self.num_heads} "
-                              "times an even head size")
-        if not 2 <= self.train_seqlen <= EMBEDDED_MAX_POSITIONS:
-            raise ConfigError(f"task.embedded.train_seqlen={self.train_seqlen} must be in [2, "
-                              f"{EMBEDDED_MAX_POSITIONS}]")
-        if not self.lr > 0 or self.warmup_steps < 0:
-            raise ConfigError(f"task.embedded.lr={self.lr} must be > 0 and warmup_steps={self.warmup_steps} >= 0")
-
-
-@dataclass
 class HfLmConfig(TaskConfig):
     family: str = "hf_lm"
     model: str = EMBEDDED  # a hub id, a local save_pretrained directory, or "embedded"
@@ -189,345 +103,12 @@ class HfLmConfig(TaskConfig):
             raise ConfigError("task.eval has no evaluation set: list eval.datasets or eval.text_files")
 
 
-# -- text sources --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Corpus:
-    """A named text source. ``load(split)`` returns its documents in a fixed order; they are joined with "\\n\\n"."""
-
-    name: str
-    description: str  # recorded as protocol/ppl/<name>/dataset: what exactly was read
-    eval_split: str
-    calib_split: str
-    load: Callable[[str], list[str]]
-    max_windows: int | None = None  # the protocol evaluates at most this many windows (C4: 256); None: all
-
-
-CORPORA: dict[str, Corpus] = {}
-
-
-def register_corpus(corpus: Corpus) -> Corpus:
-    if corpus.name in CORPORA:
-        raise KeyError(f"corpus {corpus.name!r} is registered twice")
-    CORPORA[corpus.name] = corpus
-    return corpus
-
-
-def _topics() -> dict[str, str]:
-    import pydoc_data.topics
-
-    return dict(pydoc_data.topics.topics)
-
-
-def corpus_digest(docs: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(docs.items())).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def demo_split(heldout_fraction: float = 0.1) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(train keys, test keys) of ``pydoc_data.topics``: a fixed document-level split.
-
-    Topics repeat one another (``compound`` contains ``if``, ``for``...), so documents that share a paragraph or
-    a long line are grouped first and every group goes to one side. Groups are taken in the order of the sha256 of
-    their first key, into the test split until it holds ``heldout_fraction`` of the characters (groups above 15 %
-    are skipped); everything else is train.
-    """
-    docs = _topics()
-    parent = {k: k for k in docs}
-
-    def root(k: str) -> str:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    owner: dict[str, str] = {}
-    for key in sorted(docs):
-        text = docs[key]
-        units = {p.strip() for p in text.split(JOIN) if len(p.strip()) >= 40}
-        units |= {line.strip() for line in text.splitlines() if len(line.strip()) >= 60}
-        for unit in units:
-            if unit in owner:
-                parent[root(key)] = root(owner[unit])
-            else:
-                owner[unit] = key
-    groups: dict[str, list[str]] = {}
-    for key in sorted(docs):
-        groups.setdefault(root(key), []).append(key)
-    total = sum(len(v) for v in docs.values())
-    held: list[str] = []
-    size = 0
-    for group in sorted(groups.values(), key=lambda g: hashlib.sha256(g[0].encode()).hexdigest()):
-        if size >= heldout_fraction * total:
-            break
-        chars = sum(len(docs[k]) for k in group)
-        if size + chars > 0.15 * total:
-            continue
-        held += group
-        size += chars
-    test = sorted(held)
-    train = sorted(k for k in docs if k not in set(held))
-    return tuple(train), tuple(test)
-
-
-def _load_demo(split: str) -> list[str]:
-    train, test = demo_split()
-    keys = {"train": train, "test": test}.get(split)
-    if keys is None:
-        raise ConfigError(f"corpus demo has splits train and test, not {split!r}")
-    docs = _topics()
-    return [docs[k] for k in keys]
-
-
-def _python_version() -> str:
-    import platform
-
-    return platform.python_version()
-
-
-register_corpus(Corpus(
-    name="demo", description=f"pydoc_data.topics (Python {_python_version()}), whole topics sorted by key",
-    eval_split="test", calib_split="train", load=_load_demo))
-
-
-def hub_texts(path: str, split: str, column: str, name: str | None = None, first: int | None = None,
-              **kwargs: Any) -> list[str]:
-    """Column ``column`` of split ``split`` of hub dataset ``path`` (config ``name``; other keyword arguments go
-    to ``datasets.load_dataset``), in the dataset's order, only the ``first`` rows when given."""
-    import datasets
-
-    ds = datasets.load_dataset(path, name, split=split, **kwargs)
-    if first is not None:
-        ds = ds.select(range(min(first, len(ds))))
-    return list(ds[column])
-
-
-def _datasets_version() -> str:
-    from importlib.metadata import version
-
-    return version("datasets")
-
-
-WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
-PTB = ("ptb-text-only/ptb_text_only", "penn_treebank", "refs/convert/parquet")  # the hub's parquet export
-C4 = ("allenai/c4", {"validation": "en/c4-validation.00000-of-00008.json.gz",
-                     "train": "en/c4-train.00000-of-01024.json.gz"})
-C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
-
-
-def _load_c4(split: str) -> list[str]:
-    if split not in C4[1]:
-        raise ConfigError(f"corpus c4 has splits {', '.join(C4[1])}, not {split!r}")
-    first = C4_EVAL_DOCS if split == "validation" else None
-    return hub_texts(C4[0], split, "text", data_files={split: C4[1][split]}, first=first)
-
-
-register_corpus(Corpus(
-    name="wikitext2", description=f"{WIKITEXT[0]} {WIKITEXT[1]}, field text (datasets {_datasets_version()})",
-    eval_split="test", calib_split="train",
-    load=lambda split: hub_texts(WIKITEXT[0], split, "text", name=WIKITEXT[1])))
-register_corpus(Corpus(
-    name="ptb", description=f"{PTB[0]} {PTB[1]} ({PTB[2]}), field sentence (datasets {_datasets_version()})",
-    eval_split="test", calib_split="train",
-    load=lambda split: hub_texts(PTB[0], split, "sentence", data_dir=PTB[1], revision=PTB[2])))
-register_corpus(Corpus(
-    name="c4", description=f"{C4[0]} {C4[1]['validation']}, first {C4_EVAL_DOCS} documents, field text "
-                           f"(datasets {_datasets_version()})",
-    eval_split="validation", calib_split="train", load=_load_c4, max_windows=C4_EVAL_WINDOWS))
-
-
-def read_text_file(path: str | Path) -> str:
-    p = Path(path).expanduser()
-    try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"text file {p} cannot be read as UTF-8 text: {e}") from e
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _looks_like_path(model: str) -> bool:
     """Whether ``model`` names a local directory rather than a hub id (``org/name`` or ``name``)."""
     return (model.startswith(("/", "./", "../", "~")) or os.path.isabs(model) or not _HUB_ID.match(model)
             or Path(model).expanduser().exists())
 
 
-# -- perplexity ----------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def ppl_concat(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_size: int, device: torch.device | str,
-               max_windows: int | None = None, progress: bool = True, desc: str = "ppl") -> dict[str, Any]:
-    """Perplexity of one token stream, the SparseGPT / Wanda ``eval_ppl`` protocol.
-
-    ``token_ids`` (1-D) is cut into ``n = numel // seqlen`` non-overlapping windows ``ids[i*seqlen:(i+1)*seqlen]``;
-    the remainder is dropped and, with ``max_windows``, only the first ``max_windows`` windows are kept. For every
-    window, loss_i is the mean next-token NLL of its ``seqlen - 1`` shifted targets; then
-    ``ppl = exp(sum_i(loss_i * seqlen) / (n * seqlen)) = exp(mean_i loss_i)``.
-
-    Logits are cast to float32 before the log-softmax and the per-window losses are summed in float64, whatever
-    the model's dtype. Windows go through the model ``batch_size`` at a time, so at most one batch of logits is
-    held. Returns ``ppl``, ``loss`` (mean_i loss_i), ``n_windows``, ``n_tokens`` (stream length) and ``n_dropped``
-    (tokens in no evaluated window).
-    """
-    ids = token_ids.reshape(-1).long()
-    if seqlen < 2:
-        raise ConfigError(f"seqlen={seqlen} must be >= 2")
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ConfigError(f"{desc}: the stream has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    windows = ids[: n * seqlen].view(n, seqlen)
-    kwargs = {"use_cache": False} if getattr(model, "config", None) is not None else {}
-    losses = torch.empty(n, dtype=torch.float64)
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=desc, total=len(starts), disable=not progress, leave=False, dynamic_ncols=True):
-        batch = windows[start:start + batch_size].to(device)
-        out = model(input_ids=batch, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        shifted = logits[:, :-1, :].float()
-        nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch[:, 1:].reshape(-1).to(shifted.device),
-                              reduction="none")
-        losses[start:start + batch.shape[0]] = nll.view(batch.shape[0], seqlen - 1).double().mean(dim=1).cpu()
-        del out, logits, shifted, nll
-    loss = float(losses.sum() * seqlen / (n * seqlen))
-    try:
-        ppl = math.exp(loss)
-    except OverflowError:
-        ppl = math.inf
-    return {"ppl": ppl, "loss": loss, "n_windows": n,
-            "n_tokens": ids.numel(), "n_dropped": ids.numel() - n * seqlen}
-
-
-# -- the embedded model --------------------------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on ``texts``; BOS <s>, EOS </s>, PAD <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=EMBEDDED_MAX_POSITIONS)
-
-
-def embedded_llama_config(ecfg: EmbeddedConfig, tokenizer):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=ecfg.hidden_size, intermediate_size=ecfg.intermediate_size,
-        num_hidden_layers=ecfg.num_layers, num_attention_heads=ecfg.num_heads, num_key_value_heads=ecfg.num_heads,
-        max_position_embeddings=EMBEDDED_MAX_POSITIONS, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-
-
-def encode_stream(tokenizer, text: str, add_bos: bool) -> tuple[torch.Tensor, bool]:
-    """``text`` as one 1-D token stream without the tokenizer's own special tokens, BOS prepended when ``add_bos``
-    and the tokenizer has one; returns (ids, whether a BOS was prepended)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    bos = add_bos and tokenizer.bos_token_id is not None
-    if bos:
-        ids = [tokenizer.bos_token_id, *ids]
-    return torch.tensor(ids, dtype=torch.long), bos
-
-
-def _pretrain(ecfg: EmbeddedConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the tokenizer and the model on the demo train split (on CPU) and ``save_pretrained`` both to
-    ``out_dir``. AdamW (betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay to 10 %, gradient
-    clipping at 1, random ``train_seqlen`` windows of the BOS-prefixed "\\n\\n"-joined stream."""
-    from transformers import LlamaForCausalLM
-
-    t0 = time.perf_counter()
-    train_docs = CORPORA["demo"].load("train")
-    tokenizer = train_tokenizer(train_docs, ecfg.vocab_size)
-    stream, _ = encode_stream(tokenizer, JOIN.join(train_docs), add_bos=True)
-    if stream.numel() <= ecfg.train_seqlen:
-        raise ConfigError(f"task.embedded.train_seqlen={ecfg.train_seqlen} exceeds the {stream.numel()}-token corpus")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ecfg.seed)
-        model = LlamaForCausalLM(embedded_llama_config(ecfg, tokenizer))
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=ecfg.lr, betas=(0.9, 0.95))
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / ecfg.warmup_steps) if ecfg.warmup_steps else 1.0
-        return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / ecfg.steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    gen = torch.Generator().manual_seed(ecfg.seed)
-    offsets = torch.arange(ecfg.train_seqlen)
-    losses = []
-    bar = tqdm(range(ecfg.steps), desc="pretrain embedded LM", disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in bar:
-        starts = torch.randint(0, stream.numel() - ecfg.train_seqlen + 1, (ecfg.batch_size, 1), generator=gen)
-        batch = stream[starts + offsets]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    model.eval()
-    model.config.use_cache = False
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"train_tokens": stream.numel(), "tokens_seen": ecfg.steps * ecfg.batch_size * ecfg.train_seqlen,
-            "final_train_loss": sum(tail) / len(tail), "pretrain_s": time.perf_counter() - t0,
-            "params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads()}
-
-
-def embedded_key(ecfg: EmbeddedConfig) -> str:
-    return stable_hash({"version": EMBEDDED_VERSION, "embedded": dataclasses.asdict(ecfg),
-                        "corpus": corpus_digest(_topics())})
-
-
-def ensure_embedded(ecfg: EmbeddedConfig, cache_dir: Path, progress: bool = True) -> Path:
-    """The cached embedded model's directory, pretraining it first if needed (once, under a file lock; built in a
-    temporary folder and renamed, so an interrupted build leaves no partial cache)."""
-    root = Path(cache_dir) / "hf_lm"
-    key = embedded_key(ecfg)
-    final = root / f"embedded-{key}"
-    if (final / "embedded.json").is_file():
-        return final
-    with file_lock(root / f"embedded-{key}.lock"):
-        if (final / "embedded.json").is_file():
-            return final
-        for stale in root.glob(f".embedded-{key}-*"):  # left by a build that was killed; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # incomplete (no embedded.json), e.g. written by hand: rebuild it
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".embedded-{key}-", dir=root))
-        try:
-            log.info("pretraining the embedded LM into %s", final)
-            meta = _pretrain(ecfg, tmp, progress)
-            train, test = demo_split()
-            meta.update(config=dataclasses.asdict(ecfg), version=EMBEDDED_VERSION, corpus=CORPORA["demo"].description,
-                        corpus_sha256=corpus_digest(_topics()), train_docs=train, test_docs=test)
-            write_json_atomic(tmp / "embedded.json", meta)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("embedded LM: %d params, final train loss %.3f, %.1f s", meta["params"], meta["final_train_loss"],
-                 meta["pretrain_s"])
-    return final
-
-
-# -- the task ------------------------------------------------------------------------------------------------------
 @TASKS.register("hf_lm")
 class HfLmTask(Task):
     """A transformers causal LM evaluated by perplexity (``ppl/<set>``, lower is better)."""
@@ -685,44 +266,8 @@ class HfLmTask(Task):
         return min(caps) if caps else None
 
     def zeroshot(self, model: nn.Module) -> dict[str, Any]:
-        """lm-eval's ``simple_evaluate`` of ``zeroshot.tasks`` on ``model`` as it is in memory (seeds 0):
-        ``zeroshot/<task>/<metric>`` for acc, acc_norm and their standard errors where the task reports them,
-        ``zeroshot/mean/<metric>`` over the tasks, and ``protocol/zeroshot/...`` (lm-eval version, task
-        versions, examples per task, shots, batch size, limit)."""
-        import copy
-        from importlib.metadata import version
-
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-
-        z = self.cfg.zeroshot
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(self._require_tokenizer()), batch_size=z.batch_size,
-                  max_length=self.cfg.seqlen)
-        manager = TaskManager(include_path=z.include_path, include_defaults=z.include_defaults)
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(z.tasks), task_manager=manager, num_fewshot=z.num_fewshot,
-                                      limit=z.limit, log_samples=False, random_seed=0, numpy_random_seed=0,
-                                      torch_random_seed=0, fewshot_random_seed=0)
-        out: dict[str, Any] = {"protocol/zeroshot/lm_eval": version("lm_eval"),
-                               "protocol/zeroshot/num_fewshot": z.num_fewshot,
-                               "protocol/zeroshot/batch_size": z.batch_size, "protocol/zeroshot/limit": z.limit}
-        means: dict[str, list[float]] = {}
-        for name in z.tasks:
-            scores = res["results"].get(name)
-            if scores is None:
-                raise ConfigError(f"task.zeroshot: lm-eval returned no result for {name!r}")
-            for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
-                value = scores.get(f"{metric},none")
-                if isinstance(value, (int, float)):
-                    out[f"zeroshot/{name}/{metric}"] = float(value)
-                    if not metric.endswith("stderr"):
-                        means.setdefault(metric, []).append(float(value))
-            out[f"protocol/zeroshot/{name}/version"] = str(res["versions"].get(name))
-            out[f"protocol/zeroshot/{name}/n"] = int(res["n-samples"][name]["effective"])
-        for metric, values in means.items():
-            if len(values) == len(z.tasks):
-                out[f"zeroshot/mean/{metric}"] = sum(values) / len(values)
-        return out
+        """lm-eval zero-shot scores of ``model`` as it is in memory (``tasks.lm.zeroshot.zeroshot_scores``)."""
+        return zeroshot_scores(model, self._require_tokenizer(), self.cfg.zeroshot, self.cfg.seqlen)
 
     # -- calibration and measurement inputs ------------------------------------------------------------------------
     def calibration_batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:

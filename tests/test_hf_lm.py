@@ -12,18 +12,12 @@ from torch import nn
 
 from core.errors import ConfigError
 from core.io import read_json
-from tasks import hf_lm
 from tasks.adapters import LlamaAdapter, create_adapter
-from tasks.hf_lm import (
-    CalibConfig,
-    EmbeddedConfig,
-    EvalConfig,
-    HfLmConfig,
-    HfLmTask,
-    demo_split,
-    encode_stream,
-    ppl_concat,
-)
+from tasks.hf_lm import CalibConfig, EvalConfig, HfLmConfig, HfLmTask
+from tasks.lm import embedded
+from tasks.lm.corpora import CORPORA, demo_split, encode_stream, pydoc_topics
+from tasks.lm.embedded import EmbeddedConfig, embedded_key, embedded_llama_config, train_tokenizer
+from tasks.lm.perplexity import ppl_concat
 
 # far smaller than the demo's recipe: pretrains in a few seconds
 TINY = EmbeddedConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -146,14 +140,14 @@ def test_embedded_model_is_a_real_lm_and_reports_its_protocol(built):
 def test_embedded_build_is_cached(built, monkeypatch):
     cache, _, model = built
     calls = []
-    monkeypatch.setattr(hf_lm, "_pretrain", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(embedded, "_pretrain", lambda *a, **k: calls.append(1))
     again = make_task(cache).build_model(seed=1)  # loads; the run seed does not change the dense model
     assert calls == []
-    assert [d.name for d in (cache / "hf_lm").iterdir() if d.is_dir()] == [f"embedded-{hf_lm.embedded_key(TINY)}"]
+    assert [d.name for d in (cache / "hf_lm").iterdir() if d.is_dir()] == [f"embedded-{embedded_key(TINY)}"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
     # another recipe is another cache entry
-    assert hf_lm.embedded_key(dataclasses.replace(TINY, steps=121)) != hf_lm.embedded_key(TINY)
+    assert embedded_key(dataclasses.replace(TINY, steps=121)) != embedded_key(TINY)
 
 
 def test_embedded_pretraining_is_deterministic(tmp_path):
@@ -167,7 +161,7 @@ def test_embedded_pretraining_is_deterministic(tmp_path):
 def test_demo_split_is_disjoint_and_held_out(built):
     cache, _, _ = built
     train, test = demo_split()
-    docs = hf_lm._topics()
+    docs = pydoc_topics()
     assert set(train).isdisjoint(test) and set(train) | set(test) == set(docs)
     share = sum(len(docs[k]) for k in test) / sum(map(len, docs.values()))
     assert 0.08 < share < 0.2
@@ -178,16 +172,16 @@ def test_demo_split_is_disjoint_and_held_out(built):
                 assert para.strip() not in train_text, (k, para[:60])
     meta = read_json(next((cache / "hf_lm").glob("embedded-*/embedded.json")))
     assert meta["train_docs"] == list(train) and meta["test_docs"] == list(test)
-    assert hf_lm.CORPORA["demo"].load("train") == [docs[k] for k in train]
+    assert CORPORA["demo"].load("train") == [docs[k] for k in train]
 
 
 # -- loading from a local directory --------------------------------------------------------------------------------
 def test_local_directory_loads_the_same_model(built, tmp_path):
     from transformers import LlamaForCausalLM
 
-    tokenizer = hf_lm.train_tokenizer(hf_lm.CORPORA["demo"].load("train")[:20], 300)
+    tokenizer = train_tokenizer(CORPORA["demo"].load("train")[:20], 300)
     torch.manual_seed(0)
-    ref = LlamaForCausalLM(hf_lm.embedded_llama_config(dataclasses.replace(TINY, num_layers=1), tokenizer)).eval()
+    ref = LlamaForCausalLM(embedded_llama_config(dataclasses.replace(TINY, num_layers=1), tokenizer)).eval()
     path = tmp_path / "tiny-llama"
     ref.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -253,7 +247,7 @@ def test_calibration_batches_are_seeded_windows_of_the_train_split(built):
     assert all(x["input_ids"].shape == (1, 16) and x["input_ids"].dtype == torch.long for x in a)
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
     assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c))
-    train, _ = encode_stream(task.tokenizer, "\n\n".join(hf_lm.CORPORA["demo"].load("train")), True)
+    train, _ = encode_stream(task.tokenizer, "\n\n".join(CORPORA["demo"].load("train")), True)
     slices = train.unfold(0, 16, 1)
     for x in a:
         assert (slices == x["input_ids"][0]).all(dim=1).any()

@@ -172,7 +172,7 @@ def downloads(monkeypatch):
     import timm
     import torchvision
 
-    from tasks.hf_lm import CORPORA, Corpus
+    from tasks.lm.corpora import CORPORA, Corpus
 
     calls = []
     monkeypatch.setattr(huggingface_hub, "list_repo_files",

@@ -13,9 +13,12 @@ import torch
 from core.errors import ConfigError
 from methods import CompressContext, create_method
 from methods.svd import SVDConfig
-from tasks import hf_lm
 from tasks.adapters import create_adapter
-from tasks.hf_lm import CalibConfig, EmbeddedConfig, EvalConfig, HfLmConfig, HfLmTask, ZeroShotConfig, ppl_concat
+from tasks.hf_lm import CalibConfig, EvalConfig, HfLmConfig, HfLmTask
+from tasks.lm.corpora import CORPORA
+from tasks.lm.embedded import EmbeddedConfig
+from tasks.lm.perplexity import ppl_concat
+from tasks.lm.zeroshot import ZeroShotConfig
 
 # the demo_lm overrides of tests/conftest.py: the same cached model as the other demo_lm tests
 DEMO_TINY = EmbeddedConfig(steps=30, num_layers=2, hidden_size=64, intermediate_size=128)
@@ -138,20 +141,20 @@ def fake_hub(monkeypatch):
 
 
 def test_hub_corpora_read_the_papers_splits_and_fields(fake_hub):
-    wiki = hf_lm.CORPORA["wikitext2"].load("test")
+    wiki = CORPORA["wikitext2"].load("test")
     assert fake_hub[-1] == {"path": "Salesforce/wikitext", "name": "wikitext-2-raw-v1", "split": "test"}
     assert len(wiki) == 40 and wiki[0].endswith("Salesforce/wikitext test 0")
-    ptb = hf_lm.CORPORA["ptb"].load("train")
+    ptb = CORPORA["ptb"].load("train")
     assert fake_hub[-1] == {"path": "ptb-text-only/ptb_text_only", "name": None, "split": "train",
                             "data_dir": "penn_treebank", "revision": "refs/convert/parquet"}
     assert ptb[0].endswith("train 0")
-    c4 = hf_lm.CORPORA["c4"].load("validation")
+    c4 = CORPORA["c4"].load("validation")
     assert fake_hub[-1] == {"path": "allenai/c4", "name": None, "split": "validation",
                             "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}}
     assert len(c4) == 1100 and c4[-1].endswith("validation 1099")  # SparseGPT's first 1100 documents
-    assert len(hf_lm.CORPORA["c4"].load("train")) == 1300
+    assert len(CORPORA["c4"].load("train")) == 1300
     with pytest.raises(ConfigError, match="splits"):
-        hf_lm.CORPORA["c4"].load("test")
+        CORPORA["c4"].load("test")
 
 
 def test_hub_corpora_go_through_ppl_concat_with_the_c4_window_cap(fake_hub, shared_cache):
@@ -162,7 +165,7 @@ def test_hub_corpora_go_through_ppl_concat_with_the_c4_window_cap(fake_hub, shar
     assert m["protocol/n_windows/c4"] == 256 < m["protocol/n_tokens/c4"] // 8  # capped, as SparseGPT's C4
     assert m["protocol/n_windows/wikitext2"] == m["protocol/n_tokens/wikitext2"] // 8  # every window
     assert "wikitext-2-raw-v1" in m["protocol/ppl/wikitext2/dataset"] and m["protocol/ppl/c4/split"] == "validation"
-    text = "\n\n".join(hf_lm.CORPORA["c4"].load("validation"))
+    text = "\n\n".join(CORPORA["c4"].load("validation"))
     ids = torch.tensor([task.tokenizer.bos_token_id, *task.tokenizer(text, add_special_tokens=False)["input_ids"]])
     expected = ppl_concat(model, ids, 8, 4, "cpu", max_windows=256, progress=False)["ppl"]
     assert m["ppl/c4"] == pytest.approx(expected, rel=1e-9)
