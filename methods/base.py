@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from omegaconf import MISSING
 from torch import nn
 
+from core import memory
 from core.errors import ConfigError
 from core.io import atomic_path
 from core.registry import Registry
@@ -18,7 +22,7 @@ if TYPE_CHECKING:
     from tasks.adapters import ModelAdapter
     from tasks.base import Task
 
-METHODS: Registry["Method"] = Registry("method")
+METHODS: Registry["Method"] = Registry("method", config_key="name")
 
 
 @dataclass
@@ -45,9 +49,30 @@ class CompressContext:
     progress: bool = True
     stage_dir: Path | None = None
     generator: torch.Generator = field(init=False)
+    #: ``compress/<stage>_s`` (wall seconds, summed over entries) and ``compress/<stage>_peak_bytes`` of ``stage``
+    stage_metrics: dict[str, float] = field(init=False, default_factory=dict)
+    _open_peaks: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a sub-stage of compression (e.g. ``calibration``, ``statistics``, ``eigen``, ``fitting``,
+        ``refit``) and its peak memory (``core.memory.peak_bytes``: CUDA allocator or process RSS) into
+        ``stage_metrics``. Stages nest: an enclosing stage's peak includes its inner stages' peaks."""
+        self._open_peaks = [max(p, memory.peak_bytes(self.device)) for p in self._open_peaks]
+        memory.reset_peak(self.device)
+        self._open_peaks.append(0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            peak = max(self._open_peaks.pop(), memory.peak_bytes(self.device))
+            self._open_peaks = [max(p, peak) for p in self._open_peaks]
+            key = f"compress/{name}"
+            self.stage_metrics[f"{key}_s"] = self.stage_metrics.get(f"{key}_s", 0.0) + time.perf_counter() - t0
+            self.stage_metrics[f"{key}_peak_bytes"] = max(self.stage_metrics.get(f"{key}_peak_bytes", 0), peak)
 
     # -- the task's data: the only door methods use (``Task.DATA_KINDS``) ---------------------------------------
     def provides(self, kind: str) -> bool:
@@ -82,7 +107,10 @@ class CompressContext:
             return compute()
         path = Path(self.stage_dir) / f"{name}.pt"
         if path.is_file():
-            return torch.load(path, map_location=self.device, weights_only=True)
+            try:
+                return torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint (truncated, full disk) is recomputed
+                logging.getLogger(__name__).warning("stage checkpoint %s is unreadable (%s); recomputing", path, e)
         value = compute()
         with atomic_path(path) as tmp:
             torch.save(value, tmp)
@@ -95,7 +123,6 @@ class Method:
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     uses_ratio: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
     train_time: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):

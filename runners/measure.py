@@ -1,23 +1,28 @@
-"""Efficiency measurements of a model on the run's device: latency (median, IQR), throughput, FLOPs, peak memory.
+"""Efficiency measurements of a model on the run's device: latency (median, IQR), throughput, FLOPs, memory.
 
-Latency uses ``torch.utils.benchmark.Timer.blocked_autorange`` (it synchronises CUDA) after explicit warm-up, in
-inference mode, with all of torch's threads. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` and are
-reported as FLOPs = 2 * MAC (``macs`` is recorded too). Peak memory is CUDA ``max_memory_allocated`` over one
-forward, or on CPU the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs just
-before the forward so earlier stages do not count). Generative tasks also get batch-1 decode ms/token with a static
-KV cache, eagerly or captured into CUDA graphs.
+Latency: after explicit warm-up, blocks of calls timed by ``torch.utils.benchmark`` (it synchronises CUDA), in
+inference mode, until at least ``min_repeats`` blocks and ``min_run_time_s`` seconds; the median and IQR over the
+blocks are recorded, and a result whose IQR / median exceeds a threshold is marked ``latency_noisy``. A compressed
+model and its dense model are timed interleaved (A, B, A, B, ...) in one process, so their ratio
+(``speedup/latency``) holds when the machine's speed drifts. FLOPs come from ``torch.utils.flop_counter`` and are
+reported as FLOPs = 2 * MAC (``macs`` too). Memory is attributed to the model: resident weights, and the
+allocator's peak above them during one forward (CUDA ``max_memory_allocated``; on CPU torch's profiler memory
+events); the process's RSS high-water mark is recorded apart under a name that says so. Generative tasks also get
+batch-1 decode ms/token with a static KV cache, eagerly or captured into CUDA graphs.
 """
 from __future__ import annotations
 
 import logging
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from core import memory
+from core.io import stable_hash
 
 
 def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> Callable[[], Any]:
@@ -28,20 +33,66 @@ def _forward(model: nn.Module, inputs: tuple[Any, ...]) -> Callable[[], Any]:
     return run
 
 
-def latency(model: nn.Module, inputs: tuple[Any, ...], items: int, warmup: int = 3,
-            min_run_time_s: float = 0.5) -> dict[str, float]:
-    """``latency_ms`` (median), ``latency_iqr_ms`` and ``throughput`` (items/s) of one forward on ``inputs``."""
+def _block_seconds(fn: Callable[[], Any], number: int) -> float:
+    """Mean seconds per call of ``number`` back-to-back calls (``torch.utils.benchmark``, CUDA synchronised)."""
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on machines without a GPU
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
-    fn = _forward(model, inputs)
-    for _ in range(warmup):
-        fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time_s)
-    return {"latency_ms": m.median * 1e3, "latency_iqr_ms": m.iqr * 1e3, "throughput": items / m.median,
-            "protocol/latency_repeats": len(m.times) * m.number_per_run}
+    return timer.timeit(number).mean
+
+
+def _summary(times: list[float], items: int, noisy_rel_iqr: float, prefix: str = "") -> dict[str, Any]:
+    med = statistics.median(times)
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [med] * 3
+    iqr = q[2] - q[0]
+    return {f"{prefix}latency_ms": med * 1e3, f"{prefix}latency_iqr_ms": iqr * 1e3, f"{prefix}throughput": items / med,
+            f"{prefix}latency_repeats": len(times), f"{prefix}latency_noisy": bool(iqr > noisy_rel_iqr * med)}
+
+
+def timed_blocks(fns: list[Callable[[], Any]], warmup: int = 3, min_run_time_s: float = 0.5, min_repeats: int = 10
+                 ) -> list[list[float]]:
+    """Interleaved timing of several callables: after ``warmup`` calls of each, rounds of one block per callable
+    (A, B, A, B, ...) until every callable has at least ``min_repeats`` blocks and ``min_run_time_s`` seconds.
+    A block is as many calls as fill ``min_run_time_s / min_repeats`` seconds (at least one); returns the mean
+    seconds per call of every block, per callable. Interleaving keeps a ratio true when the machine's speed
+    drifts (frequency scaling, neighbours)."""
+    numbers = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+        one = _block_seconds(fn, 1)
+        numbers.append(max(1, int(min_run_time_s / max(min_repeats, 1) / max(one, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    spent = [0.0] * len(fns)
+    while min(len(t) for t in times) < min_repeats or min(spent) < min_run_time_s:
+        for i, fn in enumerate(fns):
+            t = _block_seconds(fn, numbers[i])
+            times[i].append(t)
+            spent[i] += t * numbers[i]
+    return times
+
+
+def latency(model: nn.Module, inputs: tuple[Any, ...], items: int, warmup: int = 3, min_run_time_s: float = 0.5,
+            min_repeats: int = 10, noisy_rel_iqr: float = 0.1) -> dict[str, Any]:
+    """``latency_ms`` (median over ``latency_repeats`` timed blocks), ``latency_iqr_ms``, ``throughput``
+    (items/s) and ``latency_noisy`` (IQR / median above ``noisy_rel_iqr``) of one forward on ``inputs``."""
+    (times,) = timed_blocks([_forward(model, inputs)], warmup, min_run_time_s, min_repeats)
+    return _summary(times, items, noisy_rel_iqr)
+
+
+def paired_latency(model: nn.Module, dense: nn.Module, inputs: tuple[Any, ...], items: int, warmup: int = 3,
+                   min_run_time_s: float = 0.5, min_repeats: int = 10, noisy_rel_iqr: float = 0.1
+                   ) -> dict[str, Any]:
+    """``latency`` of ``model`` and (``dense/`` prefix) of ``dense``, timed interleaved in this process, and
+    ``speedup/latency``: the median over rounds of dense time / model time (> 1: the model is faster)."""
+    times, dense_times = timed_blocks([_forward(model, inputs), _forward(dense, inputs)], warmup, min_run_time_s,
+                                      min_repeats)
+    out = _summary(times, items, noisy_rel_iqr)
+    out.update(_summary(dense_times, items, noisy_rel_iqr, prefix="dense/"))
+    out["speedup/latency"] = statistics.median(d / t for d, t in zip(dense_times, times))
+    return out
 
 
 def flops(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
@@ -53,40 +104,62 @@ def flops(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, float]:
     return {"flops": float(total), "macs": float(total) / 2, "protocol/flops_counter": "torch.utils.flop_counter"}
 
 
-def _vm_hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def cpu_alloc_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes that ``fn()`` holds allocated through torch's CPU allocator above what was allocated before it:
+    the running sum of the allocation and free events torch's profiler records (``profile_memory``), per thread
+    in order; allocations of worker threads add their own peaks (an upper bound). The legacy profiler is used
+    because starting Kineto costs seconds on machines without a GPU driver."""
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler_legacy, _enable_profiler_legacy
 
-
-def _reset_vm_hwm() -> bool:
+    _enable_profiler_legacy(ProfilerConfig(ProfilerState.CPU, False, True, False, False, False,
+                                           _ExperimentalConfig()))
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+        fn()
+    finally:
+        records = _disable_profiler_legacy()
+    peak = 0
+    for thread in records:
+        current = thread_peak = 0
+        for r in thread:
+            if r.kind() == "memory_alloc":
+                current += r.cpu_memory_usage()
+                thread_peak = max(thread_peak, current)
+        peak += thread_peak
+    return peak
 
 
 def peak_memory(model: nn.Module, inputs: tuple[Any, ...], device: torch.device) -> dict[str, Any]:
-    """Peak bytes during one forward: CUDA allocator peak, or the process RSS high-water mark on CPU."""
+    """Memory of one forward on ``inputs``, attributed to the model:
+
+    - ``forward_peak_bytes``: activations and workspace, the allocator's peak above what was allocated before the
+      forward (CUDA ``max_memory_allocated``; CPU: torch's profiler memory events, ``cpu_alloc_peak``);
+    - ``peak_mem_bytes``: the model's peak, resident weights + ``forward_peak_bytes`` (CUDA: the allocator's peak);
+    - ``process_rss_peak_bytes``: the whole process's RSS high-water mark over the forward (interpreter,
+      libraries, data and other models included): never the model's memory, kept apart under its own name.
+    """
     fn = _forward(model, inputs)
+    fn()  # lazily created workspaces (oneDNN, cuBLAS) are one-time: count the steady state
+    out: dict[str, Any] = {}
+    rss_reset = memory.reset_vm_hwm()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
-                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device),
-                "protocol/peak_mem": "cuda.max_memory_allocated"}
-    reset = _reset_vm_hwm()
-    fn()
-    return {"peak_mem_bytes": _vm_hwm_bytes(),
-            "protocol/peak_mem": "rss_high_water_mark" if reset else "rss_high_water_mark_process_lifetime"}
+        peak = torch.cuda.max_memory_allocated(device)
+        out.update({"peak_mem_bytes": peak, "forward_peak_bytes": peak - before,
+                    "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device),
+                    "protocol/peak_mem": "cuda.max_memory_allocated"})
+    else:
+        forward = cpu_alloc_peak(fn)
+        out.update({"peak_mem_bytes": weight_bytes(model) + forward, "forward_peak_bytes": forward,
+                    "protocol/peak_mem": "weight_bytes+profiler_cpu_alloc_peak"})
+    out["process_rss_peak_bytes"] = memory.vm_hwm_bytes()
+    out["protocol/process_rss_peak"] = "vm_hwm_over_forward" if rss_reset else "vm_hwm_process_lifetime"
+    return out
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -151,3 +224,9 @@ def decode_latency(model: nn.Module, prompt: torch.Tensor, n_tokens: int, mode: 
     return {"decode_ms_per_token": statistics.median(timed) * 1e3, "decode_iqr_ms": (q[2] - q[0]) * 1e3,
             "protocol/decode_mode": mode, "protocol/decode_batch": 1, "protocol/decode_prompt": prompt.shape[1],
             "protocol/decode_tokens": n_tokens, "protocol/decode_cache": "static"}
+
+
+def settings_hash(settings: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """The identity of a measurement: a hash of the run's ``measure`` settings and the task's measured input
+    shapes (``task.measure``), recorded as ``protocol/measure_hash``; a done run whose hash differs is re-measured."""
+    return stable_hash({"measure": settings, "inputs": inputs})

@@ -9,6 +9,7 @@ built, so a bad name, ratio, seed, path or key fails at once with one line on st
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -30,22 +31,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from core import memory
 from core.errors import ConfigError
-from core.io import file_lock, read_json, stable_hash, write_json_atomic
+from core.io import file_lock, lock_holder, read_json, write_json_atomic
 from methods import CompressContext, kernels
 from methods.fuse import inference_layout
-from runners import accounting, measure
+from runners import accounting, measure, threads
 from runners.checkpoint import load_compressed, save_compressed
 from runners.loggers import create_logger
 from runners.plan import CONF_DIR, Plan, plan
 from runners.preflight import preflight
-from runners.record import RunRecord, make_run_id, run_status
+from runners.record import METRICS_JSON, RunRecord, make_run_id, record_problem, run_status
 from tasks.adapters import create_adapter
 
 log = logging.getLogger("compbench")
 # <run_dir>/stages/: checkpoints of a run in progress (compressed model, training state, method statistics), so a
 # killed or requeued run resumes where it was; removed when the run ends (done or failed: a redo starts afresh)
 STAGE_DIR = "stages"
+LOCK = ".lock"  # <run_dir>/.lock: flock held while a process runs the point; holds the holder's pid and host
+#: exit codes of a single run (a multirun exits 0 and shows failures in its table): 2 is bad input (ConfigError)
+EXIT_CODES = {"failed": 1, "busy": 3}
 
 
 class NonFiniteMetric(FloatingPointError):
@@ -67,8 +72,7 @@ def _check_finite(metrics: dict[str, Any], where: str) -> None:
 
 def dense_quality(p: Plan, model: torch.nn.Module) -> dict[str, Any]:
     """The dense model's quality metrics, computed once per (task, seed) for the whole out_dir and cached."""
-    key = stable_hash({"task": p.task.semantic_config(), "seed": p.run.seed})
-    path = Path(p.run.out_dir) / "dense" / f"{p.run.task.name}-{key}.json"
+    path = p.dense_path
     with file_lock(path.with_suffix(".lock")):
         cached = read_json(path)
         if cached is not None:
@@ -84,6 +88,8 @@ def dense_quality(p: Plan, model: torch.nn.Module) -> dict[str, Any]:
 def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, FloatingPointError):
         return "nan"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space"
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
         return "oom"
     return "error"
@@ -99,21 +105,59 @@ def memory_reached(device: torch.device) -> dict[str, int]:
 
 
 def execute(cfg: DictConfig, overrides: list[str]) -> str:
-    """Run one point; return ``done``, ``failed``, ``skipped`` (already done) or ``busy`` (running elsewhere)."""
+    """Run one point; return ``done``, ``failed``, ``skipped`` (already done), ``remeasured`` (done, measured again
+    under changed measurement settings) or ``busy`` (running elsewhere)."""
     p = plan(cfg)
-    if run_status(p.run_dir) == "done":
+    if run_status(p.run_dir) == "done" and not measurement_stale(p):
         log.info("skip %s: already done", p.run_id)
         return "skipped"
-    with file_lock(p.run_dir / ".lock", blocking=False) as acquired:
+    if run_status(p.run_dir) == "damaged":
+        log.warning("redo %s: its record is damaged (%s)", p.run_id, record_problem(p.run_dir))
+    with file_lock(p.run_dir / LOCK, blocking=False) as acquired:
         if not acquired:
-            log.info("skip %s: another process is running it", p.run_id)
+            log.warning("skip %s: busy, %s holds it", p.run_id, lock_holder(p.run_dir / LOCK))
             return "busy"
-        if run_status(p.run_dir) == "done":
-            return "skipped"
-        return _execute_locked(p, cfg, overrides)
+        with threads.use_threads(p.run.measure.threads) as chosen:
+            log.info("torch intra-op threads: %s", chosen)
+            if run_status(p.run_dir) == "done":
+                return _remeasure(p, cfg, overrides, chosen) if measurement_stale(p) else "skipped"
+            return _execute_locked(p, cfg, overrides, chosen)
 
 
-def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
+def measurement_stale(p: Plan) -> bool:
+    """Whether a done run's efficiency metrics came from other measurement settings than ``p``'s (runs recorded
+    before measurement identity carry no ``protocol/measure_hash`` and are kept)."""
+    recorded = (read_json(p.run_dir / METRICS_JSON) or {}).get("protocol/measure_hash")
+    return recorded is not None and recorded != _measure_hash(p)
+
+
+def _measure_hash(p: Plan) -> str:
+    return measure.settings_hash(asdict(p.run.measure), asdict(p.run.task.measure))
+
+
+def _remeasure(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict[str, Any]) -> str:
+    """Redo only the measurements of a done run whose measurement settings changed: from its saved compressed
+    model (``save_model=true``), else by running it again (compression included), as the log says."""
+    saved = p.run_dir / "model.safetensors"
+    if not saved.is_file():
+        log.info("re-measure %s: measurement settings changed and no compressed model was saved "
+                 "(save_model=true keeps one): recompressing", p.run_id)
+        return _execute_locked(p, cfg, overrides, chosen)
+    log.info("re-measure %s: measurement settings changed; measuring its saved compressed model", p.run_id)
+    seed_everything(p.run.seed)
+    model = p.task.build_model(p.run.seed)
+    adapter = create_adapter(model)
+    scope_paths = list(adapter.scope(adapter.resolve_scope(p.method.cfg.scope)))
+    dense_counts = accounting.dense_counts(model, {s: model.get_submodule(s) for s in scope_paths})
+    model = load_compressed(model, saved).eval()
+    metrics = read_json(p.run_dir / METRICS_JSON)
+    metrics.update(_measure(p, model, create_adapter(model), scope_paths, dense_counts, chosen))
+    _check_finite(metrics, "metrics")
+    write_json_atomic(p.run_dir / METRICS_JSON, metrics)
+    return "remeasured"
+
+
+def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict[str, Any]) -> str:
     run, task, method = p.run, p.task, p.method
     config = OmegaConf.to_container(cfg, resolve=True)
     stage_dir = p.run_dir / STAGE_DIR
@@ -126,6 +170,7 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
     logger = None
     ok = False
     log.info("run %s -> %s", p.run_id, p.run_dir)
+    record.data["threads"] = chosen
     try:
         logger = create_logger(run.logger, p.run_id, p.run_dir, run.experiment_name, config, Path(run.out_dir))
         seed_everything(run.seed)
@@ -148,28 +193,37 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
         with record.stage("compress"):
             saved = read_json(stage_dir / "compressed.json") if compressed.is_file() else None
             if saved is not None:  # an earlier attempt compressed (and trained) it: load instead of recomputing
-                model = load_compressed(model, compressed).eval()
+                try:  # a damaged checkpoint fails before the model is touched, and is recomputed
+                    model = load_compressed(model, compressed).eval()
+                    method_metrics, compress_s = saved["method_metrics"], saved["compress_s"]
+                    ctx.stage_metrics.update(saved["stages"])
+                except (ConfigError, KeyError) as e:
+                    log.warning("stage checkpoint of %s is damaged (%s); compressing again", p.run_id, e)
+                    saved = None
+            if saved is not None:
                 adapter = create_adapter(model)
-                method_metrics, compress_s = saved["method_metrics"], saved["compress_s"]
                 record.data["resumed_from"] = "compressed"
                 log.info("resumed %s from its compressed-model checkpoint", p.run_id)
             else:
                 seed_everything(run.seed)
                 t0 = time.perf_counter()
-                if method.train_time:
-                    model = task.fresh_model(run.seed)
-                    adapter = create_adapter(model)
-                    method_metrics = method.apply(model, adapter, ctx)
-                    method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
-                                                     log=logger.log, ckpt_path=stage_dir / "train_state.pt"))
-                else:
-                    method_metrics = method.apply(model, adapter, ctx)
+                with ctx.stage("total"):
+                    if method.train_time:
+                        model = task.fresh_model(run.seed)
+                        adapter = create_adapter(model)
+                        method_metrics = method.apply(model, adapter, ctx)
+                        method_metrics.update(task.train(model, run.seed, after_step=method.after_optimizer_step,
+                                                         log=logger.log, ckpt_path=stage_dir / "train_state.pt"))
+                    else:
+                        method_metrics = method.apply(model, adapter, ctx)
                 model.eval()
                 compress_s = time.perf_counter() - t0
                 _check_finite(method_metrics, "method metrics")
-                save_compressed(model, compressed, {"run_id": p.run_id, "method": method.name})
-                write_json_atomic(stage_dir / "compressed.json",
-                                  {"method_metrics": method_metrics, "compress_s": compress_s})
+                with ctx.stage("save"):
+                    save_compressed(model, compressed, {"run_id": p.run_id, "method": method.name})
+                write_json_atomic(stage_dir / "compressed.json", {"method_metrics": method_metrics,
+                                                                  "compress_s": compress_s,
+                                                                  "stages": ctx.stage_metrics})
         with record.stage("eval"):
             seed_everything(run.seed)
             quality = task.evaluate(model)
@@ -178,8 +232,9 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
                                                  if not k.startswith("protocol/")}}
         metrics.update(method_metrics)
         metrics["compress_s"] = compress_s
+        metrics.update(compress_stage_metrics(ctx))
         with record.stage("measure"):
-            metrics.update(_measure(p, model, adapter, scope_paths, dense_counts))
+            metrics.update(_measure(p, model, adapter, scope_paths, dense_counts, chosen))
         with record.stage("save"):
             metrics["bytes_on_disk"] = compressed.stat().st_size
             if run.save_model:
@@ -188,15 +243,18 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
         record.finish(metrics)
         shutil.rmtree(stage_dir, ignore_errors=True)
         logger.summary(metrics)
-        logger.table("metrics", pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]}))
+        logger.table("metrics", pd.DataFrame([metrics]))  # one row, a column per metric
         log.info("done %s: %s=%s removed=%.3f", p.run_id, main_metric, metrics.get(main_metric),
                  metrics["scope/removed_fraction"])
         ok = True
         return "done"
     except Exception as exc:  # recorded, and the sweep goes on
         reason = failure_reason(exc)
-        record.fail(reason, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                    memory_reached(p.device) if reason == "oom" else None)
+        try:
+            record.fail(reason, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                        memory_reached(p.device) if reason == "oom" else None)
+        except OSError as e:  # e.g. the disk is still full: the run stays `running` and is redone next time
+            log.error("run %s: cannot record its failure: %s", p.run_id, e)
         shutil.rmtree(stage_dir, ignore_errors=True)
         log.error("run %s failed (%s): %s", p.run_id, reason, exc)
         return "failed"
@@ -212,14 +270,31 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str]) -> str:
         handler.close()
 
 
-def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict[str, int]) -> dict[str, Any]:
+def compress_stage_metrics(ctx: CompressContext) -> dict[str, Any]:
+    """``compress/<stage>_s`` and ``compress/<stage>_peak_bytes`` of the compression's sub-stages, the whole
+    compression's ``compress/peak_bytes``, and what the peaks measure (``protocol/compress_peak``)."""
+    out = {k: v for k, v in ctx.stage_metrics.items() if not k.startswith("compress/total_")}
+    if "compress/total_peak_bytes" in ctx.stage_metrics:
+        out["compress/peak_bytes"] = ctx.stage_metrics["compress/total_peak_bytes"]
+    out["protocol/compress_peak"] = memory.peak_kind(ctx.device)
+    return out
+
+
+def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict[str, int],
+             chosen: dict[str, Any]) -> dict[str, Any]:
+    """Accounting and efficiency of ``model``; with ``measure.paired_dense`` the dense model is rebuilt and timed
+    interleaved with it (``dense/latency_ms``, ``speedup/latency``)."""
     out: dict[str, Any] = accounting.compressed_counts(
         model, {s: model.get_submodule(s) for s in scope_paths}, dense_counts)
     inputs = p.task.example_inputs()
     items = p.task.items_per_forward()
     mcfg = p.run.measure
     out.update({f"protocol/measure_{k}": v for k, v in asdict(p.run.task.measure).items()})
+    out.update({f"protocol/measure_{k}": v for k, v in asdict(mcfg).items()})
+    out["protocol/measure_hash"] = _measure_hash(p)
     out["protocol/measure_device"] = str(p.device)
+    out["protocol/threads"] = chosen["protocol/threads"]
+    out["protocol/threads_source"] = chosen["protocol/threads_source"]
     with kernels.backend(mcfg.kernels):
         out.update(inference_layout(model, adapter, p.device))
         out["weight_bytes"] = measure.weight_bytes(model)
@@ -227,8 +302,16 @@ def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict
             out.update(measure.flops(model, inputs))
         if mcfg.memory:
             out.update(measure.peak_memory(model, inputs, p.device))
-        if mcfg.latency:
-            out.update(measure.latency(model, inputs, items, mcfg.warmup, mcfg.min_run_time_s))
+        timing = (mcfg.warmup, mcfg.min_run_time_s, mcfg.min_repeats, mcfg.noisy_rel_iqr)
+        if mcfg.latency and mcfg.paired_dense and p.method.name != "dense":
+            dense = p.task.build_model(p.run.seed).eval()
+            inference_layout(dense, create_adapter(dense), p.device)
+            out.update(measure.paired_latency(model, dense, inputs, items, *timing))
+            del dense
+        elif mcfg.latency:
+            out.update(measure.latency(model, inputs, items, *timing))
+            if p.method.name == "dense":
+                out["speedup/latency"] = 1.0
         if mcfg.decode != "none" and p.task.generates:
             out.update(measure.decode_latency(model, p.task.decode_prompt(mcfg.decode_prompt), mcfg.decode_tokens,
                                               mcfg.decode, mcfg.warmup))
@@ -243,13 +326,18 @@ def hydra_main(cfg: DictConfig) -> str:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if status == "failed" and HydraConfig.get().mode == RunMode.RUN:
-        sys.exit(1)
+    if HydraConfig.get().mode == RunMode.RUN and status in EXIT_CODES:
+        sys.exit(EXIT_CODES[status])
     return status
 
 
 def main() -> None:
     try:
+        if "--plan" in sys.argv[1:]:  # the points, their run ids and statuses; nothing built, nothing run
+            from runners.list import plan_points, render_plan
+
+            print(render_plan(plan_points([a for a in sys.argv[1:] if a != "--plan"], CONF_DIR)))
+            return
         preflight(sys.argv[1:], CONF_DIR)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

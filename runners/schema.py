@@ -1,8 +1,9 @@
 """Structured configs: the run schema plus every registered task family's and method's dataclass.
 
 Named yamls in conf/task/ and conf/method/ start with ``defaults: [/schema/task/<family>@_here_, _self_]``
-(resp. ``/schema/method/<name>@_here_``) so Hydra checks their keys and types on composition; value ranges
-are checked by the dataclasses' ``__post_init__`` when ``validate`` turns the config into objects.
+(resp. ``/schema/method/<name>@_here_``) so Hydra checks their keys and types on composition; the schema supplies
+``task.family`` and ``method.name`` (the registries make the registered name the config class's default), and
+value ranges are checked by the dataclasses' ``__post_init__`` when ``validate`` turns the config into objects.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from core.errors import ConfigError
 
 DECODE_MODES = ("none", "eager", "graph")
 KERNEL_CHOICES = ("auto", "torch")
+SEED_MAX = 2**32 - 1  # numpy.random.seed's limit (torch takes up to 2**64 - 1)
 
 
 @dataclass
@@ -27,7 +29,11 @@ class MeasureConfig:
     latency: bool = True
     flops: bool = True
     memory: bool = True
-    min_run_time_s: float = 0.5  # torch.utils.benchmark blocked_autorange budget per model
+    min_run_time_s: float = 0.5  # timed seconds per model, at least (after warm-up)
+    min_repeats: int = 10  # timed blocks per model, at least; median and IQR over them
+    noisy_rel_iqr: float = 0.1  # latency IQR / median above this marks the result latency_noisy
+    paired_dense: bool = True  # time the dense model interleaved with the compressed one: speedup/latency
+    threads: int = 0  # torch intra-op threads; 0: COMPBENCH_THREADS, else picked from the free usable CPUs
     warmup: int = 3
     # batch-1 greedy decode with a static KV cache, for tasks that generate (language models): none | eager |
     # graph (torch.compile mode reduce-overhead: CUDA graphs; needs a CUDA device)
@@ -44,6 +50,10 @@ class MeasureConfig:
             raise ConfigError(f"measure.decode={self.decode!r}; valid: {', '.join(DECODE_MODES)}")
         if self.kernels not in KERNEL_CHOICES:
             raise ConfigError(f"measure.kernels={self.kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
+        if self.min_repeats < 1 or self.min_run_time_s < 0 or self.noisy_rel_iqr <= 0 or self.threads < 0:
+            raise ConfigError(f"measure: min_repeats={self.min_repeats} must be >= 1, min_run_time_s="
+                              f"{self.min_run_time_s} >= 0, noisy_rel_iqr={self.noisy_rel_iqr} > 0, "
+                              f"threads={self.threads} >= 0")
         if self.decode_prompt < 1 or self.decode_tokens < 1 or self.warmup < 0:
             raise ConfigError(f"measure: decode_prompt={self.decode_prompt} and decode_tokens={self.decode_tokens} "
                               f"must be >= 1, warmup={self.warmup} >= 0")
@@ -75,6 +85,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ConfigError(f"seed={self.seed} must be >= 0")
+        if self.seed > SEED_MAX:
+            raise ConfigError(f"seed={self.seed} must be <= {SEED_MAX} (numpy's seed range)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}; valid: auto, cpu, cuda, cuda:<index>")
         if self.logger.name not in ("wandb", "none"):
@@ -92,10 +104,12 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Resolve ``cfg`` into dataclasses (task and method as their own config classes); raise ``ConfigError``."""
-    if cfg.method.name not in methods.METHODS:
-        methods.METHODS.get(cfg.method.name)  # raises with the valid names
-    if cfg.task.family not in tasks.TASKS:
-        tasks.TASKS.get(cfg.task.family)
+    for part, registry in (("method", methods.METHODS), ("task", tasks.TASKS)):
+        key = cfg[part].get(registry.config_key)  # the schema's default: the name it is registered under
+        if key is None:
+            raise ConfigError(f"{part} config without {registry.config_key}: its yaml must start with the "
+                              f"/schema/{part}/<{registry.config_key}>@_here_ default")
+        registry.get(key)  # raises with the valid names
     try:
         run = OmegaConf.to_object(cfg)
     except ConfigError:
