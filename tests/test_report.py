@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from runners import report
+from runners import figures, report
 from runners.report import (
     REPORTED_COLUMNS,
     ReportCallback,
@@ -36,7 +36,9 @@ DENSE = {"demo_lm": [10.0, 10.2], "demo_img": [0.80, 0.82]}
 
 
 def _write_run(root: Path, task: str, method: str, ratio: float, seed: int, value: float | None = None,
-               status: str = "done", reason: str | None = None) -> None:
+               status: str = "done", reason: str | None = None, extra: dict | None = None,
+               git: dict | None = None) -> None:
+    """A synthetic run folder; ``extra`` adds (or replaces) metrics.json keys, ``git`` is run.json's git state."""
     spec = TASKS[task]
     run_id = f"{task}-{method}-{ratio:g}-s{seed}"
     run_dir = root / "runs" / run_id
@@ -48,14 +50,15 @@ def _write_run(root: Path, task: str, method: str, ratio: float, seed: int, valu
            "error": None if status != "failed" else f"RuntimeError: {reason}",
            "config": {"task": {"name": task, "family": spec["family"]},
                       "method": {"name": method, "ratio": ratio, "scope": "all"}, "seed": seed},
-           "summary": summary, "stages": {"load": 0.1}}
+           "summary": summary, "stages": {"load": 0.1}, **({"git": git} if git else {})}
     (run_dir / "run.json").write_text(json.dumps(rec))
     if status == "done":
         removed = round(0.9 * ratio, 4)
         metrics = {spec["main"]: value, f"dense/{spec['main']}": DENSE[task][seed % 2],
                    "protocol/seqlen": 128, "removed_fraction": removed, "scope/removed_fraction": ratio,
                    "params_dense": 1000, "params_stored": int(1000 * (1 - removed)), "latency_ms": 2.0 - ratio,
-                   "bytes_on_disk": 4000, "method/note": "nan" if method == "svd" else 1.5}
+                   "compression_x": 1000 / int(1000 * (1 - removed)),
+                   "bytes_on_disk": 4000, "method/note": "nan" if method == "svd" else 1.5, **(extra or {})}
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -223,34 +226,37 @@ def test_best_marking(sweep):
     _, out, _ = sweep
     md = (out / "table.md").read_text()
     # lower is better (ppl): svd at 0.2, magnitude at 0.5 (svd failed there)
-    assert _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo").startswith("**11.10 ± 0.14**")
-    assert not _cell(md, "demo_lm", "magnitude", "r=0.2 ppl/demo").startswith("**")
-    assert _cell(md, "demo_lm", "magnitude", "r=0.5 ppl/demo").startswith("**20.50 ± 0.71**")
+    assert _cell(md, "demo_lm", "svd", "r=0.2 PPL demo").startswith("**11.10 ± 0.14**")
+    assert not _cell(md, "demo_lm", "magnitude", "r=0.2 PPL demo").startswith("**")
+    assert _cell(md, "demo_lm", "magnitude", "r=0.5 PPL demo").startswith("**20.50 ± 0.71**")
     # higher is better (acc): svd at 0.5, magnitude at 0.2
-    assert _cell(md, "demo_img", "svd", "r=0.5 acc/top1").startswith("**0.7450 ± 0.0071**")
-    assert not _cell(md, "demo_img", "magnitude", "r=0.5 acc/top1").startswith("**")
-    assert _cell(md, "demo_img", "magnitude", "r=0.2 acc/top1").startswith("**0.7850")
-    # dense and accounting columns are never marked
+    assert _cell(md, "demo_img", "svd", "r=0.5 top-1 acc").startswith("**0.745 ± 0.007**")
+    assert not _cell(md, "demo_img", "magnitude", "r=0.5 top-1 acc").startswith("**")
+    assert _cell(md, "demo_img", "magnitude", "r=0.2 top-1 acc").startswith("**0.785")
+    # dense is never bold, and accounting columns are never marked
     assert "**" not in "".join(_row(md, "demo_lm", "dense") + _row(md, "demo_img", "dense"))
     for task in TASKS:
-        for method in ("magnitude", "svd"):
+        for method in ("dense", "magnitude", "svd"):
             for col in _header(md, task):
-                if col.endswith("removed_fraction"):
-                    assert "**" not in _cell(md, task, method, col)
+                if col.endswith(("removed (scope)", "compression (model, x)")):
+                    assert "*" not in _cell(md, task, method, col)
+    # dense is italic where it beats every compressed method of the column
+    assert _cell(md, "demo_lm", "dense", "r=0.2 PPL demo").startswith("*10.10 ± 0.14* (n=2)")
+    assert _cell(md, "demo_img", "dense", "r=0.5 top-1 acc").startswith("*0.810 ± 0.014*")
 
 
 def test_status_cells(sweep):
     _, out, _ = sweep
     md = (out / "table.md").read_text()
-    assert _cell(md, "demo_lm", "svd", "r=0.5 ppl/demo") == "failed (nan)"
-    assert _cell(md, "demo_lm", "svd", "r=0.5 removed_fraction") == "failed (nan)"
-    assert "[1 failed (oom)]" in _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo")
-    assert _cell(md, "demo_img", "svd", "r=0.2 acc/top1") == "running"
-    assert _cell(md, "demo_img", "svd", "r=0.8 acc/top1") == "missing"
-    assert _cell(md, "demo_img", "magnitude", "r=0.8 acc/top1") == "**0.5000**"  # single seed: no ±, no n
+    assert _cell(md, "demo_lm", "svd", "r=0.5 PPL demo") == "failed (nan)"
+    assert _cell(md, "demo_lm", "svd", "r=0.5 removed (scope)") == "failed (nan)"
+    assert "[1 failed (oom)]" in _cell(md, "demo_lm", "svd", "r=0.2 PPL demo")
+    assert _cell(md, "demo_img", "svd", "r=0.2 top-1 acc") == "running"
+    assert _cell(md, "demo_img", "svd", "r=0.8 top-1 acc") == "missing"
+    assert _cell(md, "demo_img", "magnitude", "r=0.8 top-1 acc") == "**0.500**"  # single seed: no ±, no n
     # dense is broadcast to every ratio column
-    dense = [_cell(md, "demo_img", "dense", f"r={r} acc/top1") for r in ("0.2", "0.5", "0.8")]
-    assert dense == ["0.8100 ± 0.0141 (n=2)"] * 3
+    dense = [_cell(md, "demo_img", "dense", f"r={r} top-1 acc") for r in ("0.2", "0.5", "0.8")]
+    assert dense == ["*0.810 ± 0.014* (n=2)"] * 3
     assert _row(md, "demo_lm", "dense")[0] == "dense" and _row(md, "demo_img", "magnitude")
     assert "- broken-run: run.json unreadable" in md
 
@@ -258,14 +264,14 @@ def test_status_cells(sweep):
 def test_reported_values(sweep):
     _, out, _ = sweep
     md = (out / "table.md").read_text()
-    assert _cell(md, "demo_lm", "svd", "r=0.2 ppl/demo").endswith("(rep 11.00, Δ+0.10)")
+    assert _cell(md, "demo_lm", "svd", "r=0.2 PPL demo").endswith("(rep 11.00, Δ+0.10)")
     assert "99.00" not in md  # reported at ratio 0.3, which is not in the table
-    assert "0.9000" not in md  # reported for another dataset
+    assert "0.900" not in md  # reported for another dataset
     for r in ("0.2", "0.5"):
-        assert _cell(md, "demo_lm", "dense", f"r={r} ppl/demo").endswith("(rep 10.00, Δ+0.10)")
-    assert "rep" not in _cell(md, "demo_lm", "magnitude", "r=0.2 ppl/demo")
-    assert _cell(md, "demo_img", "magnitude", "r=0.5 acc/top1").endswith("(rep* 0.7000, Δ+0.0100)")
-    assert "- rep* svd, ratio n/a: relchange/latency_ms = -0.3000" in md
+        assert _cell(md, "demo_lm", "dense", f"r={r} PPL demo").endswith("(rep 10.00, Δ+0.10)")
+    assert "rep" not in _cell(md, "demo_lm", "magnitude", "r=0.2 PPL demo")
+    assert _cell(md, "demo_img", "magnitude", "r=0.5 top-1 acc").endswith("(rep* 0.700, Δ+0.010)")
+    assert "- rep* svd, ratio n/a: relchange/latency_ms = -0.300" in md
 
 
 def test_build_tables_frame(tmp_path):
@@ -282,7 +288,7 @@ def test_build_tables_frame(tmp_path):
     assert frame.loc["svd", ("0.5", "drop/acc/top1")] == "**0.0650 ± 0.0071** (n=2)"
     assert img.cells[("svd", 0.5, "drop/acc/top1")].best
     # relchange uses the mean of the task's dense runs when dense/<key> is absent
-    assert frame.loc["magnitude", ("0.5", "relchange/latency_ms")].startswith("-0.2500")
+    assert frame.loc["magnitude", ("0.5", "relchange/latency_ms")].startswith("-0.250")
 
 
 def test_table_tex(sweep):
@@ -296,21 +302,73 @@ def test_table_tex(sweep):
     assert depth == 0
     assert r"\textbf{11.10 $\pm$ 0.14}" in tex
     assert r"(rep 11.00, $\Delta$+0.10)" in tex
-    assert r"\multicolumn" in tex and "ppl/demo" in tex
     assert "**" not in tex and "±" not in tex and "Δ" not in tex
-    assert "ratio & \\multicolumn{2}{c}{0.2}" in tex and "\nmethod & ppl/demo & removed\\_fraction" in tex
+    # method column left, the 3 x 2 (img) and 2 x 3 (lm) value columns right-aligned
+    assert r"\begin{tabular}{lrrrrrrrrr}" in tex and r"\begin{tabular}{lrrrrrr}" in tex
+    # a group per ratio with a rule under it, then readable headers with units
+    assert r" & \multicolumn{3}{c}{ratio 0.2} & \multicolumn{3}{c}{ratio 0.5} \\" in tex
+    assert r"\cmidrule(lr){2-4} \cmidrule(lr){5-7}" + "\n" in tex
+    assert "\nMethod & PPL demo & removed (scope) & compression (model, x) & PPL demo" in tex
+    assert r"\textit{10.10 $\pm$ 0.14}" in tex  # dense better than every compressed method
     for line in tex.splitlines():  # specials are escaped everywhere (comment lines start with %)
         assert not re.search(r"(?<!\\)[_%#$]", line[1:] if line.startswith("%") else line.replace("$\\pm$", "")
                              .replace("$\\Delta$", ""))
     rows = [ln for ln in tex.splitlines() if ln.endswith("\\\\") and "multicolumn" not in ln]
-    assert rows and all(ln.count(" & ") in (6, 4) for ln in rows)  # 3 or 2 ratios x 2 metrics
+    # a header and 3 methods per task; 3 ratios (img) or 2 (lm) x 3 metrics
+    assert len(rows) == 8 and all(ln.count(" & ") in (9, 6) for ln in rows)
 
 
-def test_pareto_png(sweep):
+def test_figures_pdf_and_png_at_print_resolution(sweep):
+    from PIL import Image
+
     _, out, _ = sweep
-    data = (out / "pareto.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    for name in ("pareto", "figures/demo_lm", "figures/demo_img"):
+        assert (out / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+        with Image.open(out / f"{name}.png") as png:
+            assert round(png.info["dpi"][0]) == figures.DPI == 300
+            width_in = png.size[0] / png.info["dpi"][0]
+        if name.startswith("figures/"):  # one panel: one column of a two-column paper
+            assert 2.5 < width_in <= 3.5
+    assert figures.RC["font.size"] >= 7 and figures.RC["legend.fontsize"] >= 6
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def _panel(runs, x="ratio", task="demo_img"):
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    figures.draw_panel(ax, build_tables(runs)[task], runs, x)
+    return ax
+
+
+def test_figure_styles_dense_error_bars_and_log_axis(tmp_path):
+    root = make_runs(tmp_path / "sweep")
+    with pytest.warns(UserWarning):
+        runs = collect_runs(root)
+    ax = _panel(runs)
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # each point set is an errorbar container
+    # a method's colour and marker do not depend on which other methods a figure shows
+    alone = _panel(runs[runs["method"] != "magnitude"])
+    svd_alone = next(c.lines[0] for c in alone.containers if c.get_label() == "svd")
+    for line in (lines["svd"], svd_alone):
+        assert (line.get_color(), line.get_marker()) == (figures.method_style("svd")["color"],
+                                                         figures.method_style("svd")["marker"])
+    assert figures.method_style("svd")["color"] != figures.method_style("magnitude")["color"]
+    assert figures.method_style("svd [sweep=B]")["color"] == figures.method_style("svd")["color"]
+    assert figures.method_style("svd [sweep=B]")["linestyle"] != figures.method_style("svd")["linestyle"]
+    # dense: its own star at no compression, above every method
+    dense = lines["dense"]
+    assert dense.get_marker() == "*" and list(dense.get_xdata()) == [0.0]
+    assert dense.get_zorder() > max(ln.get_zorder() for k, ln in lines.items() if k != "dense")
+    # error bars: one sample std over the two seeds of magnitude at 0.5
+    (bars,) = [c for c in ax.containers if c.get_label() == "magnitude"]
+    segments = bars.lines[2][-1].get_segments()  # the y error bars
+    spans = sorted(round(float(seg[1][1] - seg[0][1]), 4) for seg in segments)
+    assert spans[-1] == round(2 * pd.Series([0.70, 0.72]).std(), 4)
+    # the compression axis is logarithmic, dense at 1x
+    log_ax = _panel(runs, x="compression")
+    assert log_ax.get_xscale() == "log"
+    assert [list(c.lines[0].get_xdata()) for c in log_ax.containers if c.get_label() == "dense"] == [[1.0]]
 
 
 def test_load_reported_rejects_missing_columns(tmp_path):
@@ -346,7 +404,7 @@ def test_cli(sweep, tmp_path, capsys):
         code = report.main([str(root), "--reported", str(reported), "--metrics", "main"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("# Results") and "r=0.2 removed_fraction" not in printed
+    assert printed.startswith("# Results") and "r=0.2 removed (scope)" not in printed
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
