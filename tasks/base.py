@@ -95,7 +95,8 @@ class Task:
 
     def stratified_batches(self, seed: int, n_items: int, batch_size: int) -> tuple[Iterable[torch.Tensor], int]:
         """(model-ready batches of ``n_items`` unaugmented, class-stratified training inputs chosen by ``seed``,
-        number of batches): the calibration protocol of FiPS and AAFM / GFM."""
+        number of batches): the calibration protocol of FiPS (arXiv 2411.09816) and AAFM / GFM ("Features are
+        low-rank, but weights are not!")."""
         raise ConfigError(f"task family {self.name} provides no class-stratified batches")
 
     def training_batches(self, seed: int, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

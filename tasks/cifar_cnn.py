@@ -5,9 +5,9 @@ An image task either loads a dense model from a local ``.safetensors`` checkpoin
 that of the config fields that change the weights plus the seed. A file lock makes parallel runs train it once.
 
 Metrics: ``acc/top1``, ``acc/top5`` (>= 5 classes), ``loss/test`` and ``protocol/{dataset,split,n_test,image_size}``.
-Calibration (``labelled_calibration_batches``): 10 training images per class (Synaptic-Flow's data-driven pruning
-convention), seeded, unaugmented. ``training_batches``: endless shuffled, augmented training batches (fine-tuning
-stages of compression methods).
+Calibration (``labelled_calibration_batches``): 10 training images per class (the data-driven pruning convention of
+Synaptic-Flow, arXiv 2006.05467), seeded, unaugmented. ``training_batches``: endless shuffled, augmented training
+batches (fine-tuning stages of compression methods).
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ ARCH_PATTERN = re.compile(r"resnet(\d+)|vgg(11|13|16)_bn")
 @dataclass
 class CifarCnnConfig(ImageTaskConfig):
     arch: str = "resnet20"  # resnet<6n+2> (resnet20, resnet32, resnet56, ...) | vgg11_bn | vgg13_bn | vgg16_bn
-    width: int = 16  # ResNet base width (STABLE-RPS's smaller-model baseline uses 8, 4, 2)
+    width: int = 16  # ResNet base width (STABLE-RPS, arXiv 2310.11611: baselines 8, 4, 2)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -25,7 +25,8 @@ from core.errors import ConfigError
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder")
 TRANSFORMS = ("plain", "timm")
 
-# mean / std per dataset (CIFAR: Synaptic-Flow's values; digits: all its pixels in [0, 1]; ImageFolder: ImageNet's)
+# mean / std per dataset (CIFAR: Synaptic-Flow's values, arXiv 2006.05467; digits: all its pixels in [0, 1];
+# ImageFolder: ImageNet's)
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "digits": ((0.305,), (0.376,)),
     "fashion_mnist": ((0.286,), (0.353,)),
@@ -331,9 +332,9 @@ def per_class_indices(labels: Tensor, per_class: int, generator: torch.Generator
 
 
 def stratified_indices(labels: Tensor, n: int, generator: torch.Generator, per_pass: int = 3) -> Tensor:
-    """``n`` indices drawn class by class as FiPS's stratified sampler: passes over the classes (in random order)
-    take ``per_pass`` unused images of each class until ``n`` are taken (ImageNet, n = 3840: every class gets 3,
-    then 280 classes 3 more); all images when ``n`` exceeds them. Returned shuffled."""
+    """``n`` indices drawn class by class as FiPS's (arXiv 2411.09816) sampler: passes over the classes (in random
+    order) take ``per_pass`` unused images of each class until ``n`` are taken (ImageNet, n = 3840: every class gets
+    3, then 280 classes 3 more); all images when ``n`` exceeds them. Returned shuffled."""
     labels = torch.as_tensor(labels)
     pools = [idx[torch.randperm(len(idx), generator=generator)]
              for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())]

@@ -1,10 +1,11 @@
 """The ``timm_image`` family: any timm classifier (ViT / DeiT / Swin / ...) on an image dataset.
 
-The dense model comes from a local ``checkpoint`` (.safetensors), from the hub (``pretrained: true``, where reachable),
-or is trained from scratch with the task's recipe and cached like ``cifar_cnn`` (the small demo ViTs). Evaluation,
-calibration, training batches and example inputs are those of ``tasks.cifar_cnn.ImageTask``; the family adds the
-class-stratified calibration of FiPS and AAFM / GFM (``stratified_batches``). With ``data.transform: timm`` ImageFolder
-images go through the model's own eval transform (``resolve_data_config`` + ``create_transform(is_training=False)``).
+The dense model comes from a local ``checkpoint`` (.safetensors), from the hub (``pretrained: true``, where
+reachable), or is trained from scratch with the task's recipe and cached like ``cifar_cnn`` (the small demo ViTs).
+Evaluation, calibration, training batches and example inputs are those of ``tasks.cifar_cnn.ImageTask``; the family
+adds the class-stratified calibration of FiPS (arXiv 2411.09816) and AAFM / GFM (``stratified_batches``). With
+``data.transform: timm`` ImageFolder images go through the model's own eval transform (``resolve_data_config`` +
+``create_transform(is_training=False)``).
 """
 from __future__ import annotations
 

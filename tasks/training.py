@@ -28,7 +28,8 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class TrainConfig:
-    """Training recipe; the defaults are Synaptic-Flow's CIFAR recipe (160 epochs, drops at 60 and 120)."""
+    """Training recipe; the defaults are Synaptic-Flow's (arXiv 2006.05467) CIFAR recipe (160 epochs, drops at 60
+    and 120)."""
 
     epochs: int = 160
     optimizer: str = "sgd"  # sgd (momentum, Nesterov) | adamw (decoupled weight decay; small ViTs from scratch)

@@ -3,9 +3,9 @@
 ``demo`` is the embedded model's corpus: whole pydoc topics, split at the document level (documents that share
 paragraphs stay on the same side) into ``train`` (~87 %: tokenizer, pretraining, calibration) and ``test`` (~13 %:
 perplexity only). The hub corpora of the LLM compression papers are read with ``datasets`` (downloaded once into its
-cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``), ``ptb`` (ptb_text_only, field ``sentence``) and ``c4``
-(SparseGPT's shard: the first 1100 documents of ``en/c4-validation.00000-of-00008``, at most 256 windows;
-calibration from ``en/c4-train.00000-of-01024``). Local text files are read with ``read_text_file``.
+cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``), ``ptb`` (ptb_text_only, field ``sentence``) and ``c4`` (the
+shard of SparseGPT, arXiv 2301.00774: the first 1100 documents of ``en/c4-validation.00000-of-00008``, at most 256
+windows; calibration from ``en/c4-train.00000-of-01024``). Local text files are read with ``read_text_file``.
 
 A source's documents are joined with ``JOIN`` ("\\n\\n") into one stream; ``encode_stream`` tokenizes it.
 """

@@ -1,5 +1,5 @@
-"""The perplexity protocol of the ``hf_lm`` family (``ppl_concat``, the ``eval_ppl`` of SparseGPT, arXiv:2301.00774,
-and Wanda, arXiv:2306.11695): a split's documents are joined with "\\n\\n" and tokenized as one stream (BOS
+"""The perplexity protocol of the ``hf_lm`` family (``ppl_concat``, the ``eval_ppl`` of SparseGPT, arXiv 2301.00774,
+and Wanda, arXiv 2306.11695): a split's documents are joined with "\\n\\n" and tokenized as one stream (BOS
 prepended once, explicitly, when ``eval.add_bos``), cut into ``numel // seqlen`` non-overlapping windows (remainder
 dropped), and ppl = exp(mean over windows of the per-window mean next-token NLL).
 """
