@@ -319,7 +319,8 @@ class HashedSharing(Method):
                                   f"{type(layer).__name__}")
             if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
                 raise ConfigError(f"{self.name}: {path} pads with {layer.padding_mode!r}; only zero padding")
-            storages.add(layer.weight.untyped_storage().data_ptr())
+            weight = layer.weight  # a skeleton's (meta) weights have no storage: tied ones are the same object
+            storages.add(id(weight) if weight.is_meta else weight.untyped_storage().data_ptr())
         if len(storages) != len(scope):
             raise ConfigError(f"{self.name}: the scope has tied weights; hashing them twice would count them twice")
         n = sum(layer.weight.numel() for layer in scope.values())

@@ -83,6 +83,11 @@ def read_metadata(path: Path) -> dict[str, str]:
 def load_compressed(model: nn.Module, path: Path) -> nn.Module:
     """Rebuild the compressed structure of ``path`` on the dense ``model`` (same architecture) and load it."""
     meta = read_metadata(path)
+    try:  # every tensor is read before the model is touched: a damaged file leaves ``model`` as it was
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e}") from e
     for mpath, entry in json.loads(meta["modules"]).items():
         cls = MODULE_CLASSES.get(entry["class"])
         if cls is None:
@@ -94,11 +99,6 @@ def load_compressed(model: nn.Module, path: Path) -> nn.Module:
             new = new.to(ref.device, ref.dtype)
         parent, _, attr = mpath.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {e}") from e
     with torch.no_grad():
         for mpath, module in model.named_modules():
             prefix = f"{mpath}." if mpath else ""

@@ -28,7 +28,39 @@ PACKAGES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "lm-ev
 CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def record_problem(run_dir: Path) -> str | None:
+    """Why the record of a run folder is not a readable, valid one (None when it is, or when there is none): a
+    ``run.json`` that is unreadable, names another run or an unknown status, or a ``done`` run whose
+    ``metrics.json`` is missing, unreadable, not a flat object of numbers / strings / booleans / nulls, or lacks the
+    run's main metric or ``scope/removed_fraction``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_JSON).exists():
+        return None
+    rec = read_json(run_dir / RUN_JSON)
+    if rec is None:
+        return f"{RUN_JSON} is unreadable"
+    if rec.get("run_id") != run_dir.name or rec.get("status") not in STATUSES:
+        return f"{RUN_JSON} names run {rec.get('run_id')!r} with status {rec.get('status')!r}"
+    if rec["status"] != "done":
+        return None
+    metrics = read_json(run_dir / METRICS_JSON)
+    if metrics is None:
+        return f"{METRICS_JSON} is missing or unreadable"
+    bad = [k for k, v in metrics.items() if v is not None and not isinstance(v, (int, float, str, bool))]
+    if bad:
+        return f"{METRICS_JSON} has non-scalar values: {', '.join(sorted(bad)[:3])}"
+    main = (rec.get("summary") or {}).get("main_metric")
+    missing = [k for k in ("scope/removed_fraction", main) if k is not None and k not in metrics]
+    if missing or main is None:
+        return f"{METRICS_JSON} lacks {', '.join(missing) or 'the summary main metric'}"
+    return None
+
+
 def run_status(run_dir: Path) -> str | None:
+    """``running``, ``done`` or ``failed`` as ``run.json`` says; ``damaged`` when ``record_problem`` finds one (the
+    run is redone); None when the run never started."""
+    if record_problem(run_dir) is not None:
+        return "damaged"
     rec = read_json(Path(run_dir) / RUN_JSON)
     return rec.get("status") if rec else None
 

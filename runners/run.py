@@ -178,6 +178,8 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict
             model = task.build_model(run.seed)
             adapter = create_adapter(model)
             method.check(adapter)
+            if not p.structure_checked:  # no skeleton before: the checks run on the loaded model, before any eval
+                task.check_model(model)
             scope_name = adapter.resolve_scope(method.cfg.scope)
             scope_paths = list(adapter.scope(scope_name))
             dense_counts = accounting.dense_counts(model, {s: model.get_submodule(s) for s in scope_paths})

@@ -118,9 +118,14 @@ class ModelAdapter:
         for path, layer in self.scope(scope).items():
             if not isinstance(layer, nn.Linear):
                 raise ConfigError(f"{method} compresses nn.Linear layers; {path} is {type(layer).__name__}")
-            if layer.weight.device.type == "meta":
+            if layer.weight.device.type == "meta" and not self.is_skeleton():
                 raise ConfigError(f"{method}: {path} is offloaded to disk (meta weights); block-wise calibration "
                                   "needs every weight in GPU or CPU memory")
+
+    def is_skeleton(self) -> bool:
+        """Whether the model is a skeleton without weights (every parameter on ``meta``: ``Task.structure_model``),
+        which the checks before any compute use; a model offloaded in part also has ``meta`` weights."""
+        return all(p.device.type == "meta" for p in self.model.parameters())
 
     def scope_names(self) -> list[str]:
         return ["auto", "linear", "attention", "mlp", "prunable"]

@@ -64,6 +64,16 @@ class Task:
     def check(self) -> None:
         """Validate local paths and names before any model is built; raise ``ConfigError``."""
 
+    def structure_model(self) -> nn.Module | None:
+        """The model's skeleton without weights (parameters on the ``meta`` device, built from the config only: no
+        weights loaded, no training), for the checks of ``runners.plan`` before any compute; None where the family
+        cannot build one (its structure is then checked after ``build_model``)."""
+        return None
+
+    def check_model(self, skeleton: nn.Module) -> None:
+        """Checks of the config against the model's structure (``structure_model``), e.g. checkpoint keys and
+        shapes, positions, text lengths in tokens; raise ``ConfigError``."""
+
     def build_model(self, seed: int) -> nn.Module:
         """The dense model, trained or loaded, on ``self.device``, in eval mode."""
         raise NotImplementedError

@@ -80,6 +80,26 @@ def check_safetensors(path: str | Path) -> Path:
     return p
 
 
+def check_checkpoint_fits(model: nn.Module, path: str | Path) -> None:
+    """The tensor names and shapes in the header of safetensors ``path`` fit ``model`` (a skeleton is enough: no
+    tensor is read); names ``save_model`` drops for tied tensors may be missing. Raise ``ConfigError``."""
+    from safetensors import safe_open
+
+    p = check_safetensors(path)
+    with safe_open(str(p), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = model.state_dict(keep_vars=True)
+    stored_ids = {id(own[k]) for k in own if k in stored}
+    missing = [k for k in own if k not in stored and id(own[k]) not in stored_ids]
+    unexpected = [k for k in stored if k not in own]
+    wrong = [f"{k} {list(stored[k])} (model {list(own[k].shape)})" for k in own
+             if k in stored and stored[k] != tuple(own[k].shape)]
+    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+    if problems:
+        raise ConfigError(f"checkpoint {p} does not fit {type(model).__name__}: {'; '.join(problems)}")
+
+
 def load_safetensors_into(model: nn.Module, path: str | Path) -> None:
     """Load a full state dict (strict) from ``path``; a corrupt file or mismatching keys/shapes is a ``ConfigError``."""
     from safetensors.torch import load_file
@@ -115,8 +135,9 @@ class ImageTask(Task):
         self._data: ImageData | None = None
 
     # -- to implement ----------------------------------------------------------------------------------------------
-    def create_model(self) -> nn.Module:
-        """The model with fresh weights (the caller seeds the RNG); hub weights where the config asks for them."""
+    def create_model(self, pretrained: bool = True) -> nn.Module:
+        """The model with fresh weights (the caller seeds the RNG); hub weights where the config asks for them and
+        ``pretrained``."""
         raise NotImplementedError
 
     def has_weights(self) -> bool:
@@ -181,6 +202,15 @@ class ImageTask(Task):
             model = self.create_model()
         return model
 
+    def structure_model(self) -> nn.Module:
+        """The architecture on the ``meta`` device (no hub weights, no RNG draws)."""
+        with torch.device("meta"):
+            return self.create_model(pretrained=False)
+
+    def check_model(self, skeleton: nn.Module) -> None:
+        if self.cfg.checkpoint:
+            check_checkpoint_fits(skeleton, self.cfg.checkpoint)
+
     def fresh_model(self, seed: int) -> nn.Module:
         """The seeded, untrained model on the task's device, in eval mode (train-time methods start from it)."""
         return self._fresh_model(seed).to(self.device).eval()
@@ -197,8 +227,13 @@ class ImageTask(Task):
             path = self.cache_path(seed)
             with file_lock(path.with_name(path.name + ".lock")):
                 if path.exists():
-                    load_safetensors_into(model, path)
-                else:
+                    try:
+                        load_safetensors_into(model, path)
+                    except ConfigError as e:  # a damaged cache (a truncated copy, a full disk) is rebuilt
+                        log.warning("cached dense model %s is damaged (%s); training it again", path, e)
+                        path.unlink()
+                        model = self._fresh_model(seed)
+                if not path.exists():
                     self._train_dense(model, seed, path)
         return model.to(self.device).eval()
 
@@ -298,7 +333,7 @@ class CifarCnnTask(ImageTask):
     config_class = CifarCnnConfig
     cfg: CifarCnnConfig
 
-    def create_model(self) -> nn.Module:
+    def create_model(self, pretrained: bool = True) -> nn.Module:
         from tasks.models import resnet, vgg
 
         arch = self.cfg.arch

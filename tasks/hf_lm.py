@@ -10,6 +10,7 @@ the number is returned as a ``protocol/...`` field. ``zeroshot.tasks`` adds lm-e
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ from torch import nn
 from core.errors import ConfigError
 from tasks.base import TASKS, Task, TaskConfig
 from tasks.lm.corpora import CORPORA, JOIN, encode_stream, file_sha256, read_text_file
-from tasks.lm.embedded import EMBEDDED, EmbeddedConfig, embedded_key, ensure_embedded
+from tasks.lm.embedded import EMBEDDED, EmbeddedConfig, embedded_key, embedded_llama_config, ensure_embedded
 from tasks.lm.perplexity import ppl_concat
 from tasks.lm.zeroshot import ZeroShotConfig, zeroshot_scores
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
@@ -107,6 +109,19 @@ def _looks_like_path(model: str) -> bool:
     """Whether ``model`` names a local directory rather than a hub id (``org/name`` or ``name``)."""
     return (model.startswith(("/", "./", "../", "~")) or os.path.isabs(model) or not _HUB_ID.match(model)
             or Path(model).expanduser().exists())
+
+
+class _RecipeTokenizer:
+    """What ``embedded_llama_config`` reads of a tokenizer, from the recipe: the skeleton of an embedded model that
+    is not pretrained yet (its BPE vocabulary has ``vocab_size`` entries)."""
+
+    bos_token_id = eos_token_id = pad_token_id = None
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 @TASKS.register("hf_lm")
@@ -191,6 +206,72 @@ class HfLmTask(Task):
         self._streams.clear()
         self._calib_ids = None
         return model.eval()
+
+    # -- structure checks before any weights load (runners.plan) ----------------------------------------------------
+    def _source(self) -> str | None:
+        """The folder or hub id the config and tokenizer load from; None for an embedded model not pretrained yet."""
+        if self.cfg.model == EMBEDDED:
+            folder = self.cache_dir / "hf_lm" / f"embedded-{embedded_key(self.cfg.embedded)}"
+            return str(folder) if (folder / "embedded.json").is_file() else None
+        return str(Path(self.cfg.model).expanduser()) if _looks_like_path(self.cfg.model) else self.cfg.model
+
+    def _hub_kwargs(self) -> dict[str, Any]:
+        """Loading arguments of the config and tokenizer; a hub model is read from the local cache only (the
+        plan never waits on the network)."""
+        if self.cfg.model == EMBEDDED:
+            return {}
+        kwargs = {"trust_remote_code": self.cfg.trust_remote_code, "revision": self.cfg.revision}
+        return kwargs if _looks_like_path(self.cfg.model) else {**kwargs, "local_files_only": True}
+
+    def structure_model(self) -> nn.Module | None:
+        """The model on the ``meta`` device from its config alone (``config.json``; the embedded model's recipe
+        before its first pretraining); None for a hub model not in the local cache yet (checked once loaded)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        source = self._source()
+        try:
+            config = embedded_llama_config(self.cfg.embedded, _RecipeTokenizer(self.cfg.embedded.vocab_size)) \
+                if source is None else AutoConfig.from_pretrained(source, **self._hub_kwargs())
+        except OSError as e:
+            if self._hub_kwargs().get("local_files_only"):
+                log.info("%s is not in the local hub cache: its structure is checked once it is loaded", source)
+                return None
+            raise ConfigError(f"task.model={self.cfg.model}: cannot read its config: {e}") from e
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"task.model={self.cfg.model}: cannot read its config: {e}") from e
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=self.cfg.trust_remote_code)
+
+    def check_model(self, skeleton: nn.Module) -> None:
+        """Window lengths within the model's positions; every local text file UTF-8 and at least one window long in
+        tokens (counted with the model's tokenizer; for an embedded model not pretrained yet, bounded by its bytes:
+        its byte-level BPE makes at most one token per byte)."""
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        positions = getattr(skeleton.config, "max_position_embeddings", None)
+        for key, n in (("task.seqlen", cfg.seqlen), ("task.calib.seqlen", cfg.calib.seqlen),
+                       ("task.measure.seqlen", cfg.measure.seqlen)):
+            if positions is not None and n > positions:
+                raise ConfigError(f"{key}={n} exceeds the model's {positions} positions (max_position_embeddings)")
+        source = self._source()
+        try:
+            tokenizer = None if source is None else AutoTokenizer.from_pretrained(source, **self._hub_kwargs())
+        except OSError as e:
+            raise ConfigError(f"task.model={cfg.model}: cannot read its tokenizer: {e}") from e
+        texts = [(f"task.eval.text_files.{name}", read_text_file(path), cfg.seqlen, "task.seqlen")
+                 for name, path in cfg.eval.text_files.items()]
+        if cfg.calib.text_files:
+            texts.append(("task.calib.text_files", JOIN.join(read_text_file(p) for p in cfg.calib.text_files),
+                          cfg.calib.seqlen, "task.calib.seqlen"))
+        for key, text, seqlen, seqlen_key in texts:
+            if not text.strip():
+                raise ConfigError(f"{key}: the text is empty")
+            n = len(encode_stream(tokenizer, text, cfg.eval.add_bos)[0]) if tokenizer is not None \
+                else len(text.encode()) + 1
+            if n < seqlen:
+                raise ConfigError(f"{key}: {'at most ' if tokenizer is None else ''}{n} tokens, fewer than one "
+                                  f"window of {seqlen_key}={seqlen}")
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

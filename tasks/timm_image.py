@@ -58,11 +58,11 @@ class TimmImageTask(ImageTask):
     def has_weights(self) -> bool:
         return self.cfg.pretrained
 
-    def create_model(self) -> nn.Module:
+    def create_model(self, pretrained: bool = True) -> nn.Module:
         import timm
 
         try:
-            return timm.create_model(self.cfg.model, pretrained=self.cfg.pretrained, **self._kwargs())
+            return timm.create_model(self.cfg.model, pretrained=pretrained and self.cfg.pretrained, **self._kwargs())
         except TypeError as e:
             raise ConfigError(f"timm {self.cfg.model}: bad task.model_kwargs {dict(self.cfg.model_kwargs)}: {e}") \
                 from e

@@ -8,6 +8,7 @@ ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,7 +184,11 @@ def fit(model: nn.Module, data, cfg: TrainConfig, seed: int, device: torch.devic
 
     ckpt = Path(ckpt_path) if ckpt_path is not None else None
     if ckpt is not None and ckpt.exists():
-        state = load_checkpoint(ckpt)
+        try:
+            state = load_checkpoint(ckpt)
+        except ConfigError as e:  # a damaged checkpoint (truncated, full disk): start again rather than fail
+            logging.getLogger(__name__).warning("%s; training from epoch 0", e)
+            state = {}
         if state.get("version") == CKPT_VERSION and state.get("key") == ckpt_key:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])

@@ -38,6 +38,10 @@ class Toy(Task):
     config_class = ToyConfig
     evaluations = 0
 
+    def structure_model(self):
+        with torch.device("meta"):
+            return ToyMLP(self.cfg.width, self.cfg.tie_weights)
+
     def build_model(self, seed):
         torch.manual_seed(seed)
         return ToyMLP(self.cfg.width, self.cfg.tie_weights).eval()
