@@ -49,29 +49,39 @@ class CompressContext:
     progress: bool = True
     stage_dir: Path | None = None
     generator: torch.Generator = field(init=False)
-    #: ``compress/<stage>_s`` (wall seconds, summed over entries) and ``compress/<stage>_peak_bytes`` of ``stage``
+    #: ``compress/<stage>_s`` (wall seconds outside nested stages, summed over entries) and
+    #: ``compress/<stage>_peak_bytes`` (peak including nested stages) of every ``stage``
     stage_metrics: dict[str, float] = field(init=False, default_factory=dict)
-    _open_peaks: list[int] = field(init=False, default_factory=list)
+    _open: list[list[float]] = field(init=False, default_factory=list)  # [segment start, seconds, peak] per stage
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a sub-stage of compression (e.g. ``calibration``, ``statistics``, ``eigen``, ``fitting``,
-        ``refit``) and its peak memory (``core.memory.peak_bytes``: CUDA allocator or process RSS) into
-        ``stage_metrics``. Stages nest: an enclosing stage's peak includes its inner stages' peaks."""
-        self._open_peaks = [max(p, memory.peak_bytes(self.device)) for p in self._open_peaks]
+        """Time a sub-stage of compression (``calibration``, ``statistics``, ``eigen``, ``fitting``, ``refit``)
+        and its peak memory (``core.memory.peak_bytes``: CUDA allocator, or process RSS on the CPU) into
+        ``stage_metrics``. Stages nest: an enclosing stage's clock pauses while an inner one runs (so the seconds
+        of all stages add up to the whole), and its peak includes the inner stages' peaks."""
+        now = time.perf_counter()
+        for outer in self._open:
+            outer[2] = max(outer[2], memory.peak_bytes(self.device))
+        if self._open:
+            self._open[-1][1] += now - self._open[-1][0]
         memory.reset_peak(self.device)
-        self._open_peaks.append(0)
-        t0 = time.perf_counter()
+        self._open.append([time.perf_counter(), 0.0, 0])
         try:
             yield
         finally:
-            peak = max(self._open_peaks.pop(), memory.peak_bytes(self.device))
-            self._open_peaks = [max(p, peak) for p in self._open_peaks]
+            start, seconds, peak = self._open.pop()
+            now = time.perf_counter()
+            peak = max(peak, memory.peak_bytes(self.device))
+            for outer in self._open:
+                outer[2] = max(outer[2], peak)
+            if self._open:
+                self._open[-1][0] = now
             key = f"compress/{name}"
-            self.stage_metrics[f"{key}_s"] = self.stage_metrics.get(f"{key}_s", 0.0) + time.perf_counter() - t0
+            self.stage_metrics[f"{key}_s"] = self.stage_metrics.get(f"{key}_s", 0.0) + seconds + now - start
             self.stage_metrics[f"{key}_peak_bytes"] = max(self.stage_metrics.get(f"{key}_peak_bytes", 0), peak)
 
     # -- the task's data: the only door methods use (``Task.DATA_KINDS``) ---------------------------------------

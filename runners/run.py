@@ -209,7 +209,7 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict
             else:
                 seed_everything(run.seed)
                 t0 = time.perf_counter()
-                with ctx.stage("total"):
+                with ctx.stage("other"):  # the method's named sub-stages nest inside
                     if method.train_time:
                         model = task.fresh_model(run.seed)
                         adapter = create_adapter(model)
@@ -273,11 +273,12 @@ def _execute_locked(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict
 
 
 def compress_stage_metrics(ctx: CompressContext) -> dict[str, Any]:
-    """``compress/<stage>_s`` and ``compress/<stage>_peak_bytes`` of the compression's sub-stages, the whole
-    compression's ``compress/peak_bytes``, and what the peaks measure (``protocol/compress_peak``)."""
-    out = {k: v for k, v in ctx.stage_metrics.items() if not k.startswith("compress/total_")}
-    if "compress/total_peak_bytes" in ctx.stage_metrics:
-        out["compress/peak_bytes"] = ctx.stage_metrics["compress/total_peak_bytes"]
+    """``compress/<stage>_s`` and ``compress/<stage>_peak_bytes`` of the compression's sub-stages (``other_s``:
+    seconds in no named stage), the whole compression's ``compress/peak_bytes``, and what the peaks measure
+    (``protocol/compress_peak``)."""
+    out = {k: v for k, v in ctx.stage_metrics.items() if k != "compress/other_peak_bytes"}
+    if "compress/other_peak_bytes" in ctx.stage_metrics:
+        out["compress/peak_bytes"] = ctx.stage_metrics["compress/other_peak_bytes"]
     out["protocol/compress_peak"] = memory.peak_kind(ctx.device)
     return out
 
