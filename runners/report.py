@@ -15,13 +15,15 @@ Table cells (one table per task; rows = methods, columns = (ratio, metric)):
 
 * ``mean ± std (n=k)`` over seeds (sample std); a single seed shows the value alone. Latency and decode columns show
   the median ``± IQR`` of the timed repeats (averaged over seeds). Efficiency columns carry their unit in the header
-  (MB = 10^6 bytes, GFLOPs, ms); ``xdense/<key>`` is ours / dense.
+  (MB = 10^6 bytes, GFLOPs, ms); ``speedup/latency`` (dense time / ours, timed interleaved) and ``xdense/<key>``
+  (ours / dense) are in "x dense".
 * bold (``**x**`` / ``\\textbf{x}``): best compressed method of the column, for metrics with a known direction
   (the task's main metric uses ``higher_is_better``; ``ppl/``, ``drop/``, latency, memory, FLOPs lower;
   accuracies, throughput higher); accounting columns (``removed_fraction``, ``compression_x``, ...) are never
   marked. Italic (``*x*`` / ``\\textit{x}``): the dense cell, where dense is better than every compressed method.
-* ``†``: a noisy timing (``<latency|decode>_noisy`` true, or IQR / median above ``NOISY_IQR``); ``(RSS)``: a peak
-  memory that is the process's resident-set high-water mark (CPU), not the model's memory. Neither is ever bold.
+* ``†``: a noisy timing (``<latency|decode>_noisy`` true, or IQR / median above ``NOISY_IQR``); ``(RSS)``: a
+  process resident-set high-water mark (``process_rss_peak_bytes``, or a ``peak_mem_bytes`` whose
+  ``protocol/peak_mem`` is an RSS), not the model's memory. Neither is ever bold.
 * ``failed (<reason>)``, ``running``, ``missing`` (expected, i.e. the method is in the table and another method
   ran that ratio, but no run exists), ``n/a`` (done, metric absent). Extra runs of a valued cell that failed or are
   still running are noted in brackets, e.g. ``[1 failed (oom)]``; ``[mixed: code]`` (or a protocol key) when the
@@ -74,9 +76,9 @@ RATIO_TOL = 1e-6
 NOISY_IQR = 0.1  # a timing whose IQR exceeds this fraction of its median is marked noisy
 CODE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPORTED = Path("results/reported")
-LOWER_IS_BETTER = {"latency_ms", "decode_ms_per_token", "peak_mem_bytes", "peak_mem_reserved_bytes", "flops", "macs",
-                   "compress_s", "bytes_on_disk", "weight_bytes"}
-HIGHER_IS_BETTER = {"throughput"}
+LOWER_IS_BETTER = {"latency_ms", "decode_ms_per_token", "peak_mem_bytes", "peak_mem_reserved_bytes",
+                   "forward_peak_bytes", "flops", "macs", "compress_s", "bytes_on_disk", "weight_bytes"}
+HIGHER_IS_BETTER = {"throughput", "speedup/latency"}
 ACCOUNTING = {"removed_fraction", "compression_x", "params_dense", "params_stored", "params_nonzero",
               "index_overhead"}
 # (name, unit, scale): the header is "name (unit)" and cells show value * scale
@@ -86,13 +88,17 @@ UNITS: dict[str, tuple[str, str, float]] = {
     "params_nonzero": ("params non-zero", "M", 1e-6), "index_overhead": ("index", "MB", 1e-6),
     "latency_ms": ("latency", "ms, median ± IQR", 1.0), "decode_ms_per_token": ("decode", "ms/token, median ± IQR", 1.0),
     "throughput": ("throughput", "items/s", 1.0), "peak_mem_bytes": ("peak memory", "MB", 1e-6),
-    "peak_mem_reserved_bytes": ("peak reserved", "MB", 1e-6), "weight_bytes": ("weights", "MB", 1e-6),
+    "peak_mem_reserved_bytes": ("peak reserved", "MB", 1e-6), "forward_peak_bytes": ("forward peak", "MB", 1e-6),
+    "process_rss_peak_bytes": ("process RSS peak", "MB", 1e-6), "weight_bytes": ("weights", "MB", 1e-6),
+    "speedup/latency": ("speedup", "x dense", 1.0),
     "bytes_on_disk": ("on disk", "MB", 1e-6), "flops": ("FLOPs", "G", 1e-9), "macs": ("MACs", "G", 1e-9),
     "compress_s": ("compress time", "s", 1.0)}
 IQR_OF = {"latency_ms": "latency_iqr_ms", "decode_ms_per_token": "decode_iqr_ms"}  # cells show median ± IQR
-TIMING_OF = {"latency_ms": "latency", "throughput": "latency", "decode_ms_per_token": "decode"}  # noise source
+TIMING_OF = {"latency_ms": "latency", "throughput": "latency", "speedup/latency": "latency",
+             "decode_ms_per_token": "decode"}  # the timing whose noise a metric inherits
 TIMING_KEYS = {"latency": ("latency_ms", "latency_iqr_ms"), "decode": ("decode_ms_per_token", "decode_iqr_ms")}
-RSS_METRICS = {"peak_mem_bytes"}  # on CPU the process's resident-set high-water mark
+RSS_ALWAYS = {"process_rss_peak_bytes"}  # the process's resident-set high-water mark, never the model's memory
+RSS_IF_PROTOCOL = {"peak_mem_bytes"}  # an RSS where its protocol/peak_mem says so (CPU runs of older code)
 # protocol fields that legitimately differ between methods of one comparison (outputs, not settings)
 PER_RUN_PROTOCOL = {"latency_repeats", "fused_input_groups", "kernels", "layout"}
 
@@ -549,11 +555,11 @@ def _direction(metric: str, table_main: str | None, higher_is_better: bool | Non
         return None
     prefix, key = _leaf(metric)
     leaf = key.split("/")[-1]
-    if leaf in ACCOUNTING:
+    if leaf in ACCOUNTING or key in RSS_ALWAYS:
         return None
     if leaf in LOWER_IS_BETTER:
         return False
-    return True if leaf in HIGHER_IS_BETTER or (not prefix and "acc" in leaf) else None
+    return True if {key, leaf} & HIGHER_IS_BETTER or (not prefix and "acc" in leaf) else None
 
 
 def _numeric(task_runs: pd.DataFrame, key: str) -> pd.Series:
@@ -596,8 +602,11 @@ def _noisy(task_runs: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def _rss(task_runs: pd.DataFrame, metric: str) -> pd.Series:
-    """Per run: is ``metric`` a process RSS (CPU) rather than the model's memory."""
-    if _leaf(metric)[1] not in RSS_METRICS or "protocol/peak_mem" not in task_runs.columns:
+    """Per run: is ``metric`` a process RSS rather than the model's memory."""
+    key = _leaf(metric)[1]
+    if key in RSS_ALWAYS:
+        return pd.Series(True, index=task_runs.index)
+    if key not in RSS_IF_PROTOCOL or "protocol/peak_mem" not in task_runs.columns:
         return pd.Series(False, index=task_runs.index)
     return task_runs["protocol/peak_mem"].map(lambda p: isinstance(p, str) and p.startswith("rss"))
 

@@ -436,3 +436,125 @@ def test_callback(tmp_path, capsys, caplog):
     # never raises: unresolvable out_dir, or a broken report
     ReportCallback().on_multirun_end(OmegaConf.create({"out_dir": "${missing_key}"}))
     assert "report failed" in caplog.text
+
+
+def test_default_columns_are_the_scope_ratio_and_compression(sweep):
+    _, out, _ = sweep
+    md = (out / "table.md").read_text()
+    # whole-model removed fraction is 0.9 x ratio in these runs: the table shows the ratio inside the scope
+    assert _cell(md, "demo_lm", "magnitude", "r=0.2 removed (scope)") == "0.200 (n=2)"
+    assert _cell(md, "demo_lm", "magnitude", "r=0.2 compression (model, x)") == "1.22 (n=2)"
+    assert "0.180" not in md and "removed_fraction" not in _header(md, "demo_lm")
+
+
+def _efficiency_runs(root: Path) -> Path:
+    """demo_lm: dense and two methods at 0.5 with latency (one noisy), paired speedup, model and RSS memory."""
+    mib = 1_000_000
+    timing = {
+        "dense": dict(latency_ms=2.0, latency_iqr_ms=0.02, speedup_latency=1.0, weight_bytes=8 * mib, rss=900 * mib),
+        "magnitude": dict(latency_ms=2.2, latency_iqr_ms=0.04, speedup_latency=0.9, weight_bytes=6 * mib,
+                          rss=800 * mib),
+        # the fastest, and the smallest RSS, but its timing is noisy (IQR 25 % of the median; also flagged)
+        "svd": dict(latency_ms=1.2, latency_iqr_ms=0.3, speedup_latency=1.6, weight_bytes=4 * mib, rss=700 * mib,
+                    noisy=True),
+    }
+    for method, t in timing.items():
+        extra = {"latency_ms": t["latency_ms"], "latency_iqr_ms": t["latency_iqr_ms"],
+                 "speedup/latency": t["speedup_latency"], "weight_bytes": t["weight_bytes"],
+                 "process_rss_peak_bytes": t["rss"], "peak_mem_bytes": t["rss"],
+                 "protocol/peak_mem": "rss_high_water_mark", "dense/latency_ms": 2.0}
+        if t.get("noisy"):
+            extra["latency_noisy"] = True
+        _write_run(root, "demo_lm", method, 0.0 if method == "dense" else 0.5, 0, 10.0, extra=extra)
+    return root
+
+
+def test_efficiency_columns_units_noise_and_rss(tmp_path):
+    root = _efficiency_runs(tmp_path / "sweep")
+    metrics = "main,latency_ms,speedup/latency,xdense/latency_ms,weight_bytes,peak_mem_bytes,process_rss_peak_bytes"
+    out = write_report(root, metrics=metrics.split(","), reported_dir=make_reported(tmp_path / "rep"))
+    md = (out / "table.md").read_text()
+    assert _header(md, "demo_lm")[1:] == [
+        "r=0.5 PPL demo", "r=0.5 latency (ms, median ± IQR)", "r=0.5 speedup (x dense)", "r=0.5 latency (x dense)",
+        "r=0.5 weights (MB)", "r=0.5 peak memory (MB)", "r=0.5 process RSS peak (MB)"]
+    # median ± IQR in ms; the noisy one is marked and never bold, so the best is the quiet magnitude
+    assert _cell(md, "demo_lm", "svd", "r=0.5 latency (ms, median ± IQR)") == "1.20 ± 0.30 †"
+    assert _cell(md, "demo_lm", "magnitude", "r=0.5 latency (ms, median ± IQR)") == "**2.20 ± 0.04**"
+    assert _cell(md, "demo_lm", "svd", "r=0.5 speedup (x dense)") == "1.60 †"
+    assert _cell(md, "demo_lm", "magnitude", "r=0.5 latency (x dense)") == "**1.10**"
+    # dense is faster than every compressed method that is not noisy: italic, not bold
+    assert _cell(md, "demo_lm", "dense", "r=0.5 latency (ms, median ± IQR)") == "2.00 ± 0.02"  # svd is faster
+    # bytes in MB; weights are the model's and get marked
+    assert _cell(md, "demo_lm", "svd", "r=0.5 weights (MB)") == "**4.00**"
+    assert _cell(md, "demo_lm", "dense", "r=0.5 weights (MB)") == "8.00"
+    # an RSS is labelled as such and never marked as best, neither under peak memory nor under its own name
+    for col in ("r=0.5 peak memory (MB)", "r=0.5 process RSS peak (MB)"):
+        cells = [_cell(md, "demo_lm", m, col) for m in ("dense", "magnitude", "svd")]
+        assert cells == ["900.0 (RSS)", "800.0 (RSS)", "700.0 (RSS)"]
+    assert "†: noisy timing" in md and "(RSS): the process's resident-set high-water mark" in md
+    tex = (out / "table.tex").read_text()
+    assert r"1.20 $\pm$ 0.30 $^\dagger$" in tex and r"\textbf{2.20 $\pm$ 0.04}" in tex
+    assert "latency (ms, median $\\pm$ IQR)" in tex and "weights (MB)" in tex
+
+
+def test_dense_italic_when_better_than_every_compressed_method(tmp_path):
+    root = tmp_path / "sweep"
+    for method, ms in (("dense", 1.0), ("magnitude", 1.5), ("svd", 1.2)):
+        _write_run(root, "demo_lm", method, 0.0 if method == "dense" else 0.5, 0, 10.0,
+                   extra={"latency_ms": ms, "latency_iqr_ms": 0.01})
+    md = (write_report(root, metrics=["latency_ms"], reported_dir=make_reported(tmp_path / "rep")) / "table.md"
+          ).read_text()
+    assert _cell(md, "demo_lm", "dense", "r=0.5 latency (ms, median ± IQR)") == "*1.00 ± 0.01*"
+    assert _cell(md, "demo_lm", "svd", "r=0.5 latency (ms, median ± IQR)") == "**1.20 ± 0.01**"
+
+
+def test_results_csv_carries_code_version_params_and_flags_mixing(tmp_path):
+    root = tmp_path / "sweep"
+    _write_run(root, "demo_lm", "dense", 0.0, 0, 10.0, git={"sha": "a" * 40, "dirty": False})
+    _write_run(root, "demo_lm", "svd", 0.5, 0, 11.0, git={"sha": "a" * 40, "dirty": False},
+               extra={"protocol/measure_device": "cpu"})
+    _write_run(root, "demo_lm", "svd", 0.5, 1, 11.2, git={"sha": "b" * 40, "dirty": True},
+               extra={"protocol/measure_device": "cuda:0"})
+    out = write_report(root, reported_dir=make_reported(tmp_path / "rep"))
+    df = pd.read_csv(out / "results.csv")
+    svd = df[df["method"] == "svd"].sort_values("seed")
+    assert list(svd["git_sha"]) == ["a" * 40, "b" * 40] and list(svd["git_dirty"]) == [False, True]
+    # scope "all" differs from conf/method/svd.yaml's "auto"; rank_multiple and name equal it, ratio is a column
+    assert json.loads(svd["method_params"].iloc[0]) == {"scope": "all"}
+    assert "protocol/measure_device" in df.columns
+    md = (out / "table.md").read_text()
+    assert "[mixed: code, protocol/measure_device]" in _cell(md, "demo_lm", "svd", "r=0.5 PPL demo")
+    assert "MIXED code: aaaaaaaaaa, bbbbbbbbbb+dirty; protocol/measure_device: cpu, cuda:0" in md
+    assert "mixed" not in _cell(md, "demo_lm", "dense", "r=0.5 PPL demo")
+
+
+def test_method_params_against_the_method_yaml():
+    assert report.method_params({"name": "svd", "ratio": 0.3, "scope": "auto", "rank_multiple": 64}) == {
+        "rank_multiple": 64}
+    assert report.method_params({"name": "basis_sharing", "ratio": 0.3, "scope": "auto", "group_size": 2,
+                                 "rank_multiple": 1, "update": False,
+                                 "shared": {"default": ["q", "k", "v", "gate", "up"], "mistral": ["q"]}}) == {
+        "shared.mistral": ["q"]}
+    assert report.method_params({"name": "no_such_method", "ratio": 0.3, "k": 1}) == {"k": 1}
+
+
+def test_several_sweeps_are_compared_in_one_report(tmp_path, capsys):
+    for sweep, value in (("A", 11.0), ("B", 13.0)):
+        _write_run(tmp_path / sweep, "demo_lm", "dense", 0.0, 0, 10.0)
+        _write_run(tmp_path / sweep, "demo_lm", "svd", 0.5, 0, value)
+    _write_run(tmp_path / "B", "demo_lm", "magnitude", 0.5, 0, 12.0)
+    reported = make_reported(tmp_path / "rep")
+    assert report.main([str(tmp_path / "A"), str(tmp_path / "B"), "--reported", str(reported)]) == 2
+    assert "--out" in capsys.readouterr().err
+    out = tmp_path / "A_vs_B"
+    assert report.main([str(tmp_path / "A"), str(tmp_path / "B"), "--out", str(out), "--reported",
+                        str(reported), "--x", "compression"]) == 0
+    md = (out / "table.md").read_text()
+    assert capsys.readouterr().out == md
+    assert _cell(md, "demo_lm", "svd [sweep=A]", "r=0.5 PPL demo") == "**11.00**"
+    assert _cell(md, "demo_lm", "svd [sweep=B]", "r=0.5 PPL demo") == "13.00"
+    assert _cell(md, "demo_lm", "magnitude", "r=0.5 PPL demo") == "12.00"  # in one sweep only: no suffix
+    assert _cell(md, "demo_lm", "dense [sweep=B]", "r=0.5 PPL demo").startswith("*10.00* (rep 10.00")
+    assert "sweeps: A (2 runs), B (3 runs)" in md
+    assert set(pd.read_csv(out / "results.csv")["sweep"]) == {"A", "B"}
+    assert (out / "figures" / "demo_lm.pdf").is_file() and not (tmp_path / "A" / "report").exists()
