@@ -40,9 +40,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.progress import progress_bar
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.calibration import _forward
 from methods.modules import LowRankConv2d, LowRankLinear
@@ -170,7 +170,7 @@ def collect_output_stats(model: nn.Module, layers: dict[str, nn.Module], batches
     handles = [layer.register_forward_hook(lambda m, a, out, s=stats[path]: s.add(_features(out, m)))
                for path, layer in layers.items()]
     try:
-        for batch in tqdm(batches, desc="afm statistics", disable=not progress, leave=False, dynamic_ncols=True):
+        for batch in progress_bar(batches, "afm statistics", enabled=progress):
             _forward(model, batch)
     finally:
         for h in handles:
@@ -366,7 +366,7 @@ class AAFM(Method):
             reference = model_outputs(model, sens)
             scale = sum(float(r.pow(2).mean()) for r in reference) / len(reference) or 1.0
         todo = [(p, r) for p, m in scope.items() for r in candidate_ranks(max_useful_rank(m), cfg.rank_grid)]
-        bar = tqdm(todo, desc=f"{self.name} sensitivity", disable=not ctx.progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(todo, f"{self.name} sensitivity", enabled=ctx.progress)
         for p, m in scope.items():
             out[p] = [(None, factor_params(m, None), 0.0)]
         for p, r in bar:

@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.progress import progress_bar
 from tasks.adapters import ModelAdapter
 
 
@@ -126,7 +126,7 @@ def capture_block_inputs(adapter: ModelAdapter, batches: Iterable[Any], progress
         raise ConfigError(f"{type(model).__name__}: not every block ran in a forward pass; cannot calibrate")
     handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        for batch in tqdm(batches, desc="calibration inputs", disable=not progress, leave=False, dynamic_ncols=True):
+        for batch in progress_bar(batches, "calibration inputs", enabled=progress):
             try:
                 _forward(model, batch)
             except _Stop:
@@ -173,8 +173,7 @@ def run_blocks(adapter: ModelAdapter, inputs: BlockInputs, roles: Sequence[str],
     """
     keys = input_keys(adapter, roles)
     target = torch.device(device) if device is not None else None
-    for i, block in enumerate(tqdm(adapter.blocks(), desc=desc, disable=not progress, leave=False,
-                                   dynamic_ncols=True)):
+    for i, block in enumerate(progress_bar(adapter.blocks(), desc, enabled=progress)):
         home = _block_device(block)
         run_on = target if (target is not None and home.type == "cpu" and target.type != "cpu") else home
         if run_on != home:

@@ -47,9 +47,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.progress import progress_bar
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.calibration import _block_device, _forward, _to, capture_block_inputs
 from methods.modules import MaskedFactor, SharedFactorLinear
@@ -641,8 +641,7 @@ class FiPS(Method):
         inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
         blocks = adapter.blocks()
         sparsifier = None
-        for i, block in enumerate(tqdm(blocks, desc="fips blocks", disable=not ctx.progress, leave=False,
-                                       dynamic_ncols=True)):
+        for i, block in enumerate(progress_bar(blocks, "fips blocks", enabled=ctx.progress)):
             device = _block_device(block)
             mlp = block.get_submodule(parent)
             xs, ys = [], []

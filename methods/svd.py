@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.progress import progress_bar
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.modules import LowRankConv2d, LowRankLinear
 
@@ -64,7 +64,7 @@ class SVD(Method):
     def apply(self, model, adapter, ctx: CompressContext) -> dict[str, float]:
         scope = adapter.scope(self.cfg.scope)
         ranks = []
-        for path, layer in tqdm(scope.items(), desc="svd", disable=not ctx.progress, leave=False):
+        for path, layer in progress_bar(scope.items(), "svd", enabled=ctx.progress):
             matrix = layer.weight.flatten(1)
             rank = self.cfg.fit_rank(rank_for_ratio(matrix.shape[0], matrix.shape[1], self.cfg.ratio))
             if rank < 1:

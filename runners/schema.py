@@ -93,7 +93,19 @@ class RunConfig:
             raise ConfigError(f"logger={self.logger.name!r}; valid: wandb, none")
 
 
+def help_config_groups() -> str:
+    """The config groups a user picks from (``group: option, ...`` per line) for ``--help``: Hydra's own listing
+    less the ``schema/`` groups, which type-check the yamls and are not choices."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    groups = [g for g in sorted(loader.list_groups("")) if g not in ("hydra", "schema")]
+    return "\n".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}" for g in groups
+                     if loader.get_group_options(g))
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("help_config_groups", help_config_groups, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for family in tasks.TASKS.names():

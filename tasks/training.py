@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.io import atomic_path
+from core.progress import progress_bar
 
 CKPT_VERSION = 1
 OPTIMIZERS = ("sgd", "adamw")
@@ -205,8 +205,7 @@ def fit(model: nn.Module, data, cfg: TrainConfig, seed: int, device: torch.devic
         lr = opt.param_groups[0]["lr"]
         loss_sum, correct, seen = 0.0, 0, 0
         batches = data.batches("train", cfg.batch_size, device, generator=shuffle_gen, augment=augment)
-        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None if progress else True, dynamic_ncols=True)  # None: off when not a terminal
+        bar = progress_bar(batches, f"epoch {epoch + 1}/{cfg.epochs}", n_batches, enabled=progress)
         for x, y in bar:
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)

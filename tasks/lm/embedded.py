@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
 from core.io import file_lock, stable_hash, write_json_atomic
+from core.progress import progress_bar
 from tasks.lm.corpora import CORPORA, JOIN, corpus_digest, demo_split, encode_stream, pydoc_topics
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _pretrain(ecfg: EmbeddedConfig, out_dir: Path, progress: bool = True) -> dic
     gen = torch.Generator().manual_seed(ecfg.seed)
     offsets = torch.arange(ecfg.train_seqlen)
     losses = []
-    bar = tqdm(range(ecfg.steps), desc="pretrain embedded LM", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(range(ecfg.steps), "pretrain embedded LM", enabled=progress)
     for _ in bar:
         starts = torch.randint(0, stream.numel() - ecfg.train_seqlen + 1, (ecfg.batch_size, 1), generator=gen)
         batch = stream[starts + offsets]

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from core.errors import ConfigError
+from core.progress import progress_bar
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def ppl_concat(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_siz
     kwargs = {"use_cache": False} if getattr(model, "config", None) is not None else {}
     losses = torch.empty(n, dtype=torch.float64)
     starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=desc, total=len(starts), disable=not progress, leave=False, dynamic_ncols=True):
+    for start in progress_bar(starts, desc, enabled=progress):
         batch = windows[start:start + batch_size].to(device)
         out = model(input_ids=batch, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
