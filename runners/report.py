@@ -86,7 +86,8 @@ UNITS: dict[str, tuple[str, str, float]] = {
     "removed_fraction": ("removed", "", 1.0), "compression_x": ("compression", "x", 1.0),
     "params_dense": ("params dense", "M", 1e-6), "params_stored": ("params stored", "M", 1e-6),
     "params_nonzero": ("params non-zero", "M", 1e-6), "index_overhead": ("index", "MB", 1e-6),
-    "latency_ms": ("latency", "ms, median ± IQR", 1.0), "decode_ms_per_token": ("decode", "ms/token, median ± IQR", 1.0),
+    "latency_ms": ("latency", "ms, median ± IQR", 1.0),
+    "decode_ms_per_token": ("decode", "ms/token, median ± IQR", 1.0),
     "throughput": ("throughput", "items/s", 1.0), "peak_mem_bytes": ("peak memory", "MB", 1e-6),
     "peak_mem_reserved_bytes": ("peak reserved", "MB", 1e-6), "forward_peak_bytes": ("forward peak", "MB", 1e-6),
     "process_rss_peak_bytes": ("process RSS peak", "MB", 1e-6), "weight_bytes": ("weights", "MB", 1e-6),
@@ -310,8 +311,9 @@ def collect_runs(roots: Path | Sequence[Path]) -> pd.DataFrame:
         return df
     df["ratio"] = pd.to_numeric(df["ratio"], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce").astype("Int64")
-    return df.sort_values(["task", "method", "ratio", "seed", "sweep", "run_id"], na_position="last",
-                          key=lambda s: s if s.name in ("ratio", "seed") else s.astype(str).where(s.notna(), "~")).reset_index(drop=True)
+    order = ["task", "method", "ratio", "seed", "sweep", "run_id"]
+    return df.sort_values(order, na_position="last", key=lambda s: s if s.name in ("ratio", "seed") else
+                          s.astype(str).where(s.notna(), "~")).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
