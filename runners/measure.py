@@ -210,9 +210,9 @@ def greedy_static_decode(model: nn.Module, prompt: torch.Tensor, n_steps: int, s
 
 
 def decode_latency(model: nn.Module, prompt: torch.Tensor, n_tokens: int, mode: str = "eager",
-                   warmup: int = 3) -> dict[str, Any]:
+                   warmup: int = 3, noisy_rel_iqr: float = 0.1) -> dict[str, Any]:
     """``decode_ms_per_token`` (median) and ``decode_iqr_ms`` over ``n_tokens`` timed steps of
-    ``greedy_static_decode`` after ``warmup`` untimed ones. ``mode="graph"`` compiles the step with
+    ``greedy_static_decode`` after ``warmup`` untimed ones; ``decode_noisy``: IQR / median above ``noisy_rel_iqr``. ``mode="graph"`` compiles the step with
     ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs); compilation and capture happen in the
     warm-up steps."""
     if mode not in ("eager", "graph"):
@@ -221,7 +221,9 @@ def decode_latency(model: nn.Module, prompt: torch.Tensor, n_tokens: int, mode: 
     _, times = greedy_static_decode(model, prompt, warmup + n_tokens, step)
     timed = times[warmup:]
     q = statistics.quantiles(timed, n=4) if len(timed) > 1 else [timed[0]] * 3
-    return {"decode_ms_per_token": statistics.median(timed) * 1e3, "decode_iqr_ms": (q[2] - q[0]) * 1e3,
+    med = statistics.median(timed)
+    return {"decode_ms_per_token": med * 1e3, "decode_iqr_ms": (q[2] - q[0]) * 1e3,
+            "decode_noisy": bool(q[2] - q[0] > noisy_rel_iqr * med),
             "protocol/decode_mode": mode, "protocol/decode_batch": 1, "protocol/decode_prompt": prompt.shape[1],
             "protocol/decode_tokens": n_tokens, "protocol/decode_cache": "static"}
 

@@ -317,7 +317,7 @@ def _measure(p: Plan, model, adapter, scope_paths: list[str], dense_counts: dict
                 out["speedup/latency"] = 1.0
         if mcfg.decode != "none" and p.task.generates:
             out.update(measure.decode_latency(model, p.task.decode_prompt(mcfg.decode_prompt), mcfg.decode_tokens,
-                                              mcfg.decode, mcfg.warmup))
+                                              mcfg.decode, mcfg.warmup, mcfg.noisy_rel_iqr))
     return out
 
 

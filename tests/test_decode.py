@@ -49,6 +49,18 @@ def test_decode_latency_record():
     assert out["decode_ms_per_token"] > 0 and out["decode_iqr_ms"] >= 0
     assert out["protocol/decode_mode"] == "eager" and out["protocol/decode_tokens"] == 5
     assert out["protocol/decode_prompt"] == 4 and out["protocol/decode_batch"] == 1
+    assert isinstance(out["decode_noisy"], bool)
+
+
+def test_decode_noisy_flags_a_spread_above_the_threshold(monkeypatch):
+    steps = iter([0.01] * 3 + [0.01, 0.01, 0.03, 0.01, 0.05, 0.01])   # 3 warm-up steps, then 6 timed ones
+    monkeypatch.setattr(measure, "greedy_static_decode", lambda model, prompt, n, step: (None, [next(steps)
+                                                                                           for _ in range(n)]))
+    out = measure.decode_latency(None, torch.arange(4).unsqueeze(0), n_tokens=6, warmup=3, noisy_rel_iqr=0.5)
+    assert out["decode_ms_per_token"] == pytest.approx(10.0) and out["decode_noisy"] is True
+    steps = iter([0.01] * 9)
+    out = measure.decode_latency(None, torch.arange(4).unsqueeze(0), n_tokens=6, warmup=3, noisy_rel_iqr=0.5)
+    assert out["decode_noisy"] is False
 
 
 def test_bad_decode_settings_are_config_errors(compose_cfg):

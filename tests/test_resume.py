@@ -26,9 +26,10 @@ from tests.conftest import ROOT, TINY
 # measured on the machine, different from one execution to the next; everything else in metrics.json is a
 # deterministic function of the config (quality, accounting, FLOPs, bytes on disk, protocol fields)
 MEASURED = {"latency_ms", "latency_iqr_ms", "throughput", "peak_mem_bytes", "compress_s", "latency_repeats",
-            "decode_ms_per_token", "decode_iqr_ms", "latency_noisy", "process_rss_peak_bytes", "speedup/latency",
-            "protocol/threads", *(f"dense/{k}" for k in ("latency_ms", "latency_iqr_ms", "throughput",
-                                                         "latency_repeats", "latency_noisy"))}
+            "decode_ms_per_token", "decode_iqr_ms", "decode_noisy", "latency_noisy", "process_rss_peak_bytes",
+            "speedup/latency", "protocol/threads", *(f"dense/{k}" for k in ("latency_ms", "latency_iqr_ms",
+                                                                            "throughput", "latency_repeats",
+                                                                            "latency_noisy"))}
 
 
 def deterministic(metrics: dict) -> dict:
