@@ -22,6 +22,7 @@ from torch import nn
 
 from core.errors import ConfigError
 from tasks.base import TASKS, Task, TaskConfig
+from tasks.lm.calibration import BOS_PLACEMENT, SAMPLINGS, per_sample_windows, row_windows, stream_windows
 from tasks.lm.corpora import CORPORA, JOIN, encode_stream, file_sha256, read_text_file
 from tasks.lm.embedded import EMBEDDED, EmbeddedConfig, embedded_key, embedded_llama_config, ensure_embedded
 from tasks.lm.perplexity import ppl_concat
@@ -58,12 +59,17 @@ class EvalConfig:
 
 @dataclass
 class CalibConfig:
-    """Calibration windows for post-training methods: random ``seqlen``-token windows of one token stream."""
+    """Calibration windows for post-training methods: ``n_samples`` windows of ``seqlen`` tokens drawn by one of the
+    published samplers (``sampling``, tasks/lm/calibration.py): ``stream`` (random windows of one token stream, BOS
+    once), ``per_sample`` (SVD-LLM: each sample tokenized on its own, BOS each; its seed 3), ``rows`` (Basis Sharing:
+    every document tokenized with a BOS, permuted fixed windows; its seed 2023)."""
 
     dataset: str | None = None  # a corpus in CORPORA (its calibration split); None: text_files
-    text_files: list[str] = field(default_factory=list)  # local files, joined with "\n\n"
+    text_files: list[str] = field(default_factory=list)  # local files (each one document), joined with "\n\n"
     n_samples: int = 256
     seqlen: int = 2048
+    sampling: str = "stream"  # stream | per_sample | rows
+    seed: int | None = None  # the sampler's seed; None: the run's seed
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -72,6 +78,14 @@ class CalibConfig:
             raise ConfigError(f"task.calib.seqlen={self.seqlen} must be >= 2")
         if self.dataset and self.text_files:
             raise ConfigError("task.calib: set either dataset or text_files, not both")
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError(f"task.calib.sampling={self.sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"task.calib.seed={self.seed} must be >= 0 (or null: the run's seed)")
+
+
+# fields added after run ids existed: hashed only when they differ from these values, the behaviour before them
+CALIB_LEGACY = {"sampling": "stream", "seed": None}
 
 
 @dataclass
@@ -137,7 +151,7 @@ class HfLmTask(Task):
         self.tokenizer = None
         self.vocab_size: int | None = None
         self._streams: dict[str, tuple[torch.Tensor, bool, dict[str, str]]] = {}
-        self._calib_ids: torch.Tensor | None = None
+        self._calib: dict[int, list[torch.Tensor]] = {}  # calibration windows per sampler seed
         self._input_device: torch.device = torch.device(device)
 
     # -- configuration ---------------------------------------------------------------------------------------------
@@ -146,10 +160,19 @@ class HfLmTask(Task):
         return [*self.cfg.eval.datasets, *self.cfg.eval.text_files]
 
     def semantic_config(self) -> dict[str, Any]:
+        """The config minus placement, with the calibration fields at their legacy values left out and the version
+        of every evaluated corpus whose protocol changed since run ids existed (``Corpus.version``) added, so the
+        run id changes exactly when the numbers can."""
         d = dataclasses.asdict(self.cfg)
         d.pop("device_map")  # placement does not change results
         if self.cfg.model != EMBEDDED:
             d.pop("embedded")
+        for key, legacy in CALIB_LEGACY.items():
+            if d["calib"][key] == legacy:
+                d["calib"].pop(key)
+        versions = {n: CORPORA[n].version for n in self.cfg.eval.datasets if n in CORPORA and CORPORA[n].version != 1}
+        if versions:
+            d["eval"]["corpus_versions"] = versions
         return d
 
     def main_metric(self) -> tuple[str, bool]:
@@ -204,7 +227,7 @@ class HfLmTask(Task):
         model.config.use_cache = False  # prefill-only forwards everywhere (perplexity, calibration, latency)
         self.vocab_size = model.config.vocab_size
         self._streams.clear()
-        self._calib_ids = None
+        self._calib.clear()
         return model.eval()
 
     # -- structure checks before any weights load (runners.plan) ----------------------------------------------------
@@ -291,7 +314,8 @@ class HfLmTask(Task):
             return read_text_file(path), {"dataset": f"file {Path(path).name} sha256:{file_sha256(path)}",
                                           "split": "whole file"}
         corpus = CORPORA[name]
-        return JOIN.join(corpus.load(corpus.eval_split)), {"dataset": corpus.description, "split": corpus.eval_split}
+        return corpus.text(corpus.eval_split), {"dataset": corpus.description, "split": corpus.eval_split,
+                                                "join": corpus.join}
 
     def eval_stream(self, name: str) -> tuple[torch.Tensor, bool, dict[str, str]]:
         """(token ids, whether BOS was prepended, protocol fields) of eval set ``name``, tokenized once."""
@@ -300,23 +324,36 @@ class HfLmTask(Task):
             self._streams[name] = (*encode_stream(self._require_tokenizer(), text, self.cfg.eval.add_bos), info)
         return self._streams[name]
 
-    def calib_text(self) -> str:
+    def calib_docs(self) -> tuple[list[str], str]:
+        """(documents, join) of the calibration data: the corpus's calibration split, or one document per file."""
         c = self.cfg.calib
         if c.dataset:
             corpus = CORPORA[c.dataset]
-            return JOIN.join(corpus.load(corpus.calib_split))
+            return corpus.load(corpus.calib_split), corpus.join
         if c.text_files:
-            return JOIN.join(read_text_file(p) for p in c.text_files)
+            return [read_text_file(p) for p in c.text_files], JOIN
         raise ConfigError("task.calib has no data: set task.calib.dataset or task.calib.text_files")
+
+    def calib_protocol(self) -> dict[str, Any]:
+        """``protocol/calib_*``: what calibration windows this task gives a method (whether or not it used them)."""
+        c = self.cfg.calib
+        dataset = (f"{c.dataset}: {CORPORA[c.dataset].description}, split {CORPORA[c.dataset].calib_split}"
+                   if c.dataset else "files " + ", ".join(f"{Path(p).name} sha256:{file_sha256(p)}"
+                                                         for p in c.text_files))
+        bos = self.cfg.eval.add_bos and (self.tokenizer is None or self.tokenizer.bos_token_id is not None)
+        return {"protocol/calib_dataset": dataset, "protocol/calib_n_samples": c.n_samples,
+                "protocol/calib_seqlen": c.seqlen, "protocol/calib_sampling": c.sampling,
+                "protocol/calib_bos": BOS_PLACEMENT[c.sampling] if bos else "none",
+                "protocol/calib_seed": "run seed" if c.seed is None else c.seed}
 
     # -- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         cfg = self.cfg
-        out: dict[str, Any] = {"protocol/ppl_method": "ppl_concat", "protocol/seqlen": cfg.seqlen, "protocol/join": JOIN,
+        out: dict[str, Any] = {"protocol/ppl_method": "ppl_concat", "protocol/seqlen": cfg.seqlen,
                                "protocol/dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                                "protocol/tokenizer": self.tokenizer_name(),
                                "protocol/max_windows": cfg.eval.max_windows}
-        bos_flags = []
+        bos_flags, joins = [], set()
         was_training = model.training
         model.eval()
         try:
@@ -329,6 +366,9 @@ class HfLmTask(Task):
                 out[f"loss/{name}"] = r["loss"]
                 out[f"protocol/ppl/{name}/dataset"] = info["dataset"]
                 out[f"protocol/ppl/{name}/split"] = info["split"]
+                if "join" in info:
+                    out[f"protocol/ppl/{name}/join"] = info["join"]
+                    joins.add(info["join"])
                 out[f"protocol/n_windows/{name}"] = r["n_windows"]
                 out[f"protocol/n_tokens/{name}"] = r["n_tokens"]
             if cfg.zeroshot.tasks:
@@ -336,6 +376,9 @@ class HfLmTask(Task):
         finally:
             model.train(was_training)
         out["protocol/bos"] = all(bos_flags)
+        out["protocol/join"] = joins.pop() if len(joins) == 1 else ("per set" if joins else JOIN)
+        if cfg.calib.dataset or cfg.calib.text_files:
+            out.update(self.calib_protocol())
         return out
 
     def _window_limit(self, name: str) -> int | None:
@@ -352,18 +395,26 @@ class HfLmTask(Task):
 
     # -- calibration and measurement inputs ------------------------------------------------------------------------
     def calibration_batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """``calib.n_samples`` windows of ``calib.seqlen`` tokens at uniformly random offsets of the calibration
-        stream (a ``torch.Generator`` seeded with ``seed``), each ``{"input_ids": LongTensor[1, seqlen]}``."""
+        """At most ``calib.n_samples`` windows of ``calib.seqlen`` tokens drawn by ``calib.sampling`` with
+        ``calib.seed`` (or ``seed``, the run's), each ``{"input_ids": LongTensor[1, seqlen]}``; drawn once per seed."""
         c = self.cfg.calib
-        if self._calib_ids is None:
-            self._calib_ids = encode_stream(self._require_tokenizer(), self.calib_text(), self.cfg.eval.add_bos)[0]
-        ids = self._calib_ids
-        if ids.numel() < c.seqlen:
-            raise ConfigError(f"task.calib.seqlen={c.seqlen} exceeds the {ids.numel()}-token calibration text")
-        gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, ids.numel() - c.seqlen + 1, (c.n_samples,), generator=gen).tolist()
-        for s in starts:
-            yield {"input_ids": ids[s:s + c.seqlen].unsqueeze(0).to(self._input_device)}
+        seed = seed if c.seed is None else c.seed
+        if seed not in self._calib:
+            tok = self._require_tokenizer()
+            docs, join = self.calib_docs()
+            bos = self.cfg.eval.add_bos and tok.bos_token_id is not None
+            if c.sampling == "stream":
+                windows = stream_windows(encode_stream(tok, join.join(docs), bos)[0], c.n_samples, c.seqlen, seed)
+            elif c.sampling == "per_sample":
+                windows = per_sample_windows(tok, join.join(docs), c.n_samples, c.seqlen, seed, bos)
+            else:
+                windows = row_windows(tok, docs, c.n_samples, c.seqlen, seed, bos)
+            if len(windows) < c.n_samples:
+                log.warning("calibration: %d of %d windows (%s sampling skips draws shorter than seqlen)",
+                            len(windows), c.n_samples, c.sampling)
+            self._calib[seed] = windows
+        for w in self._calib[seed]:
+            yield {"input_ids": w.unsqueeze(0).to(self._input_device)}
 
     def _vocab(self) -> int:
         if self.vocab_size is not None:

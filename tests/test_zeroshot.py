@@ -151,23 +151,25 @@ def test_hub_corpora_read_the_papers_splits_and_fields(fake_hub):
     c4 = CORPORA["c4"].load("validation")
     assert fake_hub[-1] == {"path": "allenai/c4", "name": None, "split": "validation",
                             "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"}}
-    assert len(c4) == 1100 and c4[-1].endswith("validation 1099")  # SparseGPT's first 1100 documents
+    assert len(c4) == 1300 and c4[-1].endswith("validation 1299")  # the first 2000 documents (all 1300 here)
+    assert len(CORPORA["c4_sparsegpt"].load("validation")) == 1100  # SparseGPT's first 1100 documents
     assert len(CORPORA["c4"].load("train")) == 1300
     with pytest.raises(ConfigError, match="splits"):
         CORPORA["c4"].load("test")
 
 
 def test_hub_corpora_go_through_ppl_concat_with_the_c4_window_cap(fake_hub, shared_cache):
-    task = make_task(shared_cache, seqlen=8, eval=EvalConfig(datasets=["wikitext2", "c4"]),
+    task = make_task(shared_cache, seqlen=8, eval=EvalConfig(datasets=["wikitext2", "c4_sparsegpt"]),
                      calib=CalibConfig(dataset="wikitext2", n_samples=3, seqlen=8))
     model = task.build_model(0)
     m = task.evaluate(model)
-    assert m["protocol/n_windows/c4"] == 256 < m["protocol/n_tokens/c4"] // 8  # capped, as SparseGPT's C4
+    assert m["protocol/n_windows/c4_sparsegpt"] == 256 < m["protocol/n_tokens/c4_sparsegpt"] // 8  # SparseGPT's cap
     assert m["protocol/n_windows/wikitext2"] == m["protocol/n_tokens/wikitext2"] // 8  # every window
-    assert "wikitext-2-raw-v1" in m["protocol/ppl/wikitext2/dataset"] and m["protocol/ppl/c4/split"] == "validation"
-    text = "\n\n".join(CORPORA["c4"].load("validation"))
+    assert "wikitext-2-raw-v1" in m["protocol/ppl/wikitext2/dataset"]
+    assert m["protocol/ppl/c4_sparsegpt/split"] == "validation"
+    text = " ".join(CORPORA["c4_sparsegpt"].load("validation"))
     ids = torch.tensor([task.tokenizer.bos_token_id, *task.tokenizer(text, add_special_tokens=False)["input_ids"]])
     expected = ppl_concat(model, ids, 8, 4, "cpu", max_windows=256, progress=False)["ppl"]
-    assert m["ppl/c4"] == pytest.approx(expected, rel=1e-9)
+    assert m["ppl/c4_sparsegpt"] == pytest.approx(expected, rel=1e-9)
     batches = list(task.calibration_batches(0))
     assert len(batches) == 3 and fake_hub[-1]["split"] == "train" and fake_hub[-1]["path"] == "Salesforce/wikitext"

@@ -3,11 +3,18 @@
 ``demo`` is the embedded model's corpus: whole pydoc topics, split at the document level (documents that share
 paragraphs stay on the same side) into ``train`` (~87 %: tokenizer, pretraining, calibration) and ``test`` (~13 %:
 perplexity only). The hub corpora of the LLM compression papers are read with ``datasets`` (downloaded once into its
-cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``), ``ptb`` (ptb_text_only, field ``sentence``) and ``c4`` (the
-shard of SparseGPT, arXiv 2301.00774: the first 1100 documents of ``en/c4-validation.00000-of-00008``, at most 256
-windows; calibration from ``en/c4-train.00000-of-01024``). Local text files are read with ``read_text_file``.
+cache): ``wikitext2`` (wikitext-2-raw-v1, field ``text``), ``ptb`` (ptb_text_only, field ``sentence``) and two C4
+protocols on the validation shard SparseGPT (arXiv 2301.00774) chose, ``en/c4-validation.00000-of-00008`` (the file
+SVD-LLM and Basis Sharing read as ``c4-validation.json``):
 
-A source's documents are joined with ``JOIN`` ("\\n\\n") into one stream; ``encode_stream`` tokenizes it.
+- ``c4``: the published LLaMA tables of SVD-LLM (arXiv 2403.07378, ``get_test_data``) and Basis Sharing (arXiv
+  2410.03765, ``prep_c4``): the first 2000 documents joined with "\\n\\n", every window;
+- ``c4_sparsegpt``: SparseGPT's ``get_c4``: the first 1100 documents joined with " ", the first 256 windows.
+
+Both calibrate on ``en/c4-train.00000-of-01024``. Local text files are read with ``read_text_file``.
+
+A source's documents are joined with its ``join`` (``JOIN``, "\\n\\n", unless named otherwise) into one stream;
+``encode_stream`` tokenizes it.
 """
 from __future__ import annotations
 
@@ -26,14 +33,21 @@ JOIN = "\n\n"
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named text source. ``load(split)`` returns its documents in a fixed order; they are joined with "\\n\\n"."""
+    """A named text source. ``load(split)`` returns its documents in a fixed order; ``text(split)`` joins them."""
 
     name: str
     description: str  # recorded as protocol/ppl/<name>/dataset: what exactly was read
     eval_split: str
     calib_split: str
     load: Callable[[str], list[str]]
-    max_windows: int | None = None  # the protocol evaluates at most this many windows (C4: 256); None: all
+    max_windows: int | None = None  # the protocol evaluates at most this many windows (SparseGPT's C4: 256)
+    join: str = JOIN  # the string between documents
+    # bumped whenever the protocol behind the name changes; hashed into the run id of tasks evaluating it (1: not)
+    version: int = 1
+
+    def text(self, split: str) -> str:
+        """The documents of ``split`` joined with ``join``: one stream."""
+        return self.join.join(self.load(split))
 
 
 CORPORA: dict[str, Corpus] = {}
@@ -146,14 +160,18 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 PTB = ("ptb-text-only/ptb_text_only", "penn_treebank", "refs/convert/parquet")  # the hub's parquet export
 C4 = ("allenai/c4", {"validation": "en/c4-validation.00000-of-00008.json.gz",
                      "train": "en/c4-train.00000-of-01024.json.gz"})
-C4_EVAL_DOCS, C4_EVAL_WINDOWS = 1100, 256
+C4_DOCS = 2000  # c4: SVD-LLM get_test_data / Basis Sharing prep_c4, every window
+C4_SPARSEGPT_DOCS, C4_SPARSEGPT_WINDOWS = 1100, 256  # c4_sparsegpt: SparseGPT get_c4
 
 
-def _load_c4(split: str) -> list[str]:
-    if split not in C4[1]:
-        raise ConfigError(f"corpus c4 has splits {', '.join(C4[1])}, not {split!r}")
-    first = C4_EVAL_DOCS if split == "validation" else None
-    return hub_texts(C4[0], split, "text", data_files={split: C4[1][split]}, first=first)
+def _c4_loader(name: str, eval_docs: int) -> Callable[[str], list[str]]:
+    """Documents of a C4 split: the first ``eval_docs`` of the validation shard, or the whole train shard."""
+    def load(split: str) -> list[str]:
+        if split not in C4[1]:
+            raise ConfigError(f"corpus {name} has splits {', '.join(C4[1])}, not {split!r}")
+        first = eval_docs if split == "validation" else None
+        return hub_texts(C4[0], split, "text", data_files={split: C4[1][split]}, first=first)
+    return load
 
 
 register_corpus(Corpus(
@@ -165,9 +183,15 @@ register_corpus(Corpus(
     eval_split="test", calib_split="train",
     load=lambda split: hub_texts(PTB[0], split, "sentence", data_dir=PTB[1], revision=PTB[2])))
 register_corpus(Corpus(
-    name="c4", description=f"{C4[0]} {C4[1]['validation']}, first {C4_EVAL_DOCS} documents, field text "
-                           f"(datasets {_datasets_version()})",
-    eval_split="validation", calib_split="train", load=_load_c4, max_windows=C4_EVAL_WINDOWS))
+    name="c4", description=f"{C4[0]} {C4[1]['validation']}, first {C4_DOCS} documents joined with '\\n\\n', every "
+                           f"window (SVD-LLM / Basis Sharing), field text (datasets {_datasets_version()})",
+    eval_split="validation", calib_split="train", load=_c4_loader("c4", C4_DOCS), version=2))
+register_corpus(Corpus(
+    name="c4_sparsegpt",
+    description=f"{C4[0]} {C4[1]['validation']}, first {C4_SPARSEGPT_DOCS} documents joined with ' ', first "
+                f"{C4_SPARSEGPT_WINDOWS} windows (SparseGPT), field text (datasets {_datasets_version()})",
+    eval_split="validation", calib_split="train", load=_c4_loader("c4_sparsegpt", C4_SPARSEGPT_DOCS),
+    max_windows=C4_SPARSEGPT_WINDOWS, join=" "))
 
 
 def read_text_file(path: str | Path) -> str:
