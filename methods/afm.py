@@ -1,5 +1,5 @@
 """AAFM and GFM (Yu & Wu, "Compressing Transformers: Features Are Low-Rank, but Weights Are Not!", AAAI 2023):
-low rank in the space of a layer's *output features*, not of its weights. Specification: the project's FiPS design notes, section 3.
+low rank in the space of a layer's *output features*, not of its weights.
 
 AFM, one layer y = W x + b (W: d2 x d1; a conv's output channels at every position): from the calibration
 outputs, mean y_bar and covariance C = E[y y^T] - y_bar y_bar^T (float64 running sums); U_k = the top-k
@@ -9,10 +9,10 @@ bias U_k^T b apart; here it is folded into b', which computes the same and store
 ``LowRankLinear`` (u = U_k, v = U_k^T W) or ``LowRankConv2d`` (a k-channel conv, then 1 x 1). It stores
 k (d1 + d2) weights, so it saves only below k = d1 d2 / (d1 + d2); a layer can also stay dense.
 
-``aafm`` (adaptive rank allocation; the paper's exact procedure is not available to the project, this is the
-spec's implementation proposal): for every layer of the scope and ``rank_grid`` candidate ranks (j / G of its
-useful maximum, j = 1..G, and rank 1), the sensitivity Delta = mean (f_l,k(x) - f(x))^2 / mean f(x)^2 of the model output when
-only that layer is projected to rank k (``sensitivity: output``, one forward per candidate over
+``aafm`` (adaptive rank allocation; the paper does not give its exact procedure, so this is a reconstruction):
+for every layer of the scope and ``rank_grid`` candidate ranks (j / G of its useful maximum, j = 1..G, and rank 1),
+the sensitivity Delta = mean (f_l,k(x) - f(x))^2 / mean f(x)^2 of the model output when only that layer is
+projected to rank k (``sensitivity: output``, one forward per candidate over
 ``sensitivity_images`` calibration inputs; ``energy`` uses the eigenvalue tail sum_{i>k} lambda_i / tr C of the
 layer instead, no forwards). Starting from the dense model, the move (layer, lower rank) with the smallest increase
 of Delta per parameter saved is taken (over the lower convex hull of each layer's curve) until the scope fits the
@@ -22,18 +22,17 @@ weights instead (plain AFM).
 
 ``gfm`` = aafm followed by Global Feature Mimicking: every parameter of the compressed model (``gfm_params``) is
 trained for ``epochs`` passes over the calibration inputs to match the dense model's outputs (MSE on the
-logits), label-free; AdamW, cosine schedule, eval mode. At full rank the compressed model is the dense one, the
-loss is at float rounding level and GFM leaves it there (steps with loss < ``tol`` x mean(dense output^2) are
-skipped: Adam would turn rounding noise into lr-sized steps).
+logits), label-free; AdamW, cosine schedule, eval mode (``methods.reconstruction.train_steps``). At full rank the
+compressed model is the dense one, the loss is at float rounding level and GFM leaves it there (steps with
+loss < ``tol`` x mean(dense output^2) are skipped: Adam would turn rounding noise into lr-sized steps).
 
-Calibration: on image tasks with ``stratified_calibration_batches`` (timm_image), ``calib_images`` class-stratified
-unlabeled train images (2,000: the paper's headline DeiT-B setting); null, or other tasks: the task's calibration
-set.
+Calibration: on tasks with class-stratified batches (``stratified_batches``: timm_image), ``calib_images``
+class-stratified unlabelled train images (2,000: the paper's headline DeiT-B setting); null, or other tasks: the
+task's calibration set.
 """
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -44,8 +43,9 @@ from torch import Tensor, nn
 from core.errors import ConfigError
 from core.progress import progress_bar
 from methods.base import METHODS, CompressContext, Method, MethodConfig
-from methods.calibration import _forward
+from methods.calibration import forward_batch
 from methods.modules import LowRankConv2d, LowRankLinear
+from methods.reconstruction import train_steps
 
 ALLOCATIONS = ("adaptive", "uniform")
 SENSITIVITIES = ("output", "energy")
@@ -171,7 +171,7 @@ def collect_output_stats(model: nn.Module, layers: dict[str, nn.Module], batches
                for path, layer in layers.items()]
     try:
         for batch in progress_bar(batches, "afm statistics", enabled=progress):
-            _forward(model, batch)
+            forward_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -216,13 +216,14 @@ def _output(out: Any) -> Tensor:
     return out[0]
 
 
+def model_output(model: nn.Module, batch: Any) -> Tensor:
+    """The model's output tensor (logits) on ``batch``, in float32."""
+    return _output(forward_batch(model, batch)).float()
+
+
 @torch.no_grad()
 def model_outputs(model: nn.Module, batches: list[Any]) -> list[Tensor]:
-    return [_output(model(**b) if isinstance(b, dict) else model(b)).detach().float() for b in batches]
-
-
-def _call(model: nn.Module, batch: Any) -> Tensor:
-    return _output(model(**b) if isinstance(b := batch, dict) else model(b)).float()
+    return [model_output(model, b).detach() for b in batches]
 
 
 # -- rank allocation ----------------------------------------------------------------------------------------------
@@ -316,9 +317,9 @@ class AAFM(Method):
                               f"scope's weights")
 
     def calibration(self, ctx: CompressContext) -> list[Any]:
-        task = ctx.task
-        if self.cfg.calib_images is not None and hasattr(task, "stratified_calibration_batches"):
-            batches = task.stratified_calibration_batches(ctx.seed, self.cfg.calib_images, self.cfg.batch_size)
+        """``calib_images`` class-stratified train images where the task has them, else its calibration set."""
+        if self.cfg.calib_images is not None and ctx.provides("stratified_batches"):
+            batches, _ = ctx.stratified_batches(self.cfg.calib_images, self.cfg.batch_size)
         else:
             batches = ctx.calibration_batches()
         out = list(batches)
@@ -379,7 +380,8 @@ class AAFM(Method):
                                                                .to(m.weight.device)))
                 try:
                     with torch.no_grad():
-                        delta = sum(float((_call(model, b) - ref).pow(2).mean()) for b, ref in zip(sens, reference))
+                        delta = sum(float((model_output(model, b) - ref).pow(2).mean())
+                                    for b, ref in zip(sens, reference))
                 finally:
                     handle.remove()
                 delta = delta / len(sens) / scale
@@ -461,30 +463,24 @@ class GFM(AAFM):
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        order: list[int] = []
+
+        def step(t: int) -> float:
+            if not order:
+                order.extend(torch.randperm(len(batches), generator=gen).tolist())
+            j = order.pop(0)
+            out = model_output(model, batches[j])
+            loss = F.mse_loss(out, teacher[j].to(out.device))
+            value = float(loss.detach())
+            if value >= cfg.tol * power[j]:  # at rounding-level error Adam would turn noise into lr-sized steps
+                loss.backward()
+            return value
         teacher = self._teacher
         power = [float(t.pow(2).mean()) for t in teacher]
         gen = torch.Generator().manual_seed(ctx.seed)
 
         def train() -> dict[str, Any]:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=cfg.lr_min)
-            hist: list[float] = []
-            order: list[int] = []
-            for t in tqdm(range(steps), desc="gfm", disable=not ctx.progress, leave=False, dynamic_ncols=True):
-                if not order:
-                    order.extend(torch.randperm(len(batches), generator=gen).tolist())
-                j = order.pop(0)
-                out = _call(model, batches[j])
-                loss = F.mse_loss(out, teacher[j].to(out.device))
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"gfm: loss is {value} at step {t + 1}")
-                opt.zero_grad(set_to_none=True)
-                if value >= cfg.tol * power[j]:  # at rounding-level error Adam would turn noise into lr-sized steps
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                hist.append(value)
+            hist = train_steps(params, None, steps, step, cfg.lr, cfg.lr_min, cfg.weight_decay, ctx.progress, "gfm")
             return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "history": torch.tensor(hist, dtype=torch.float64)}
 

@@ -27,15 +27,10 @@ from typing import Any
 
 import torch
 
-from methods.fips import (
-    CACHE_DTYPES,
-    FiPSConfig,
-    block_loss_step,
-    capture_block_io,
-    install_factorised,
-    plan_groups,
-    train_steps,
-)
+from methods.calibration import capture_block_io
+from methods.fips import CACHE_DTYPES, FiPSConfig
+from methods.fips_factors import install_factorised, plan_groups
+from methods.reconstruction import block_loss_step, train_steps
 from methods.sparse_training import make_sparsifier
 from runners.record import write_benchmark
 from tasks.adapters import create_adapter

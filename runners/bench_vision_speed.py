@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from methods import kernels
-from methods.fips import FiPSConfig, install_factorised, plan_groups
+from methods.fips import FiPSConfig
+from methods.fips_factors import install_factorised, plan_groups
 from methods.fuse import inference_layout
 from methods.hashing import HashingConfig, share_weights
 from methods.sparse_training import Sparsifier

@@ -34,6 +34,9 @@ CPU = torch.device("cpu")
 
 
 class Ctx(CompressContext):
+    def provides(self, kind):
+        return kind == "calibration_batches"
+
     def calibration_batches(self):
         g = torch.Generator().manual_seed(self.seed)
         for _ in range(4):

@@ -13,17 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from core.errors import ConfigError
 from core.io import read_json
 from methods import CompressContext, create_method
-from methods.fips import (
-    FiPSConfig,
-    capture_block_io,
-    group_rank,
-    make_groups,
-    mlp_layers,
-    plan_groups,
-    svd_init,
-    train_steps,
-)
+from methods.calibration import capture_block_io
+from methods.fips import FiPSConfig
+from methods.fips_factors import group_rank, make_groups, mlp_layers, plan_groups, svd_init
 from methods.modules import MaskedFactor, SharedFactorLinear
+from methods.reconstruction import train_steps
 from methods.sparse_training import GMP, RigL, make_sparsifier
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
@@ -48,6 +42,9 @@ class Ctx(CompressContext):
     """Random calibration images (3 batches of 8) for a 16 x 16 (or ``size``) RGB model."""
 
     size = 16
+
+    def provides(self, kind):
+        return kind == "calibration_batches" or (self.task is not None and self.task.provides(kind))
 
     def calibration_batches(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -222,6 +219,9 @@ def test_tiny_swin_groups_per_stage_and_trains():
 class FakeImageTask:
     name = "fake"
 
+    def provides(self, kind):
+        return kind == "training_batches"
+
     def training_batches(self, seed, batch_size):
         g = torch.Generator().manual_seed(seed)
         while True:
@@ -386,7 +386,7 @@ def test_save_load_round_trip_is_identical_and_stores_v_sparse(tmp_path):
 
 
 # -- LLM MLPs -------------------------------------------------------------------------------------------------------
-class LMCtx(CompressContext):
+class LMCtx(Ctx):
     def calibration_batches(self):
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(3):
