@@ -35,8 +35,8 @@ from methods.base import METHODS, CompressContext, Method
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.modules import SharedBasisLinear
 from methods.svd import LowRankConfig
-from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
-from tasks.adapters import ModelAdapter, TimmSwinAdapter, TimmViTAdapter
+from methods.svd_llm import whitened_basis, whitening_factor
+from tasks.adapters import ModelAdapter
 
 DEFAULT_KIND = "default"
 
@@ -96,20 +96,16 @@ class SharingPlan:
         return sum(k * shapes[role][1] + len(g) * k * shapes[role][0] for role, g, k in self.classes())
 
 
-def role_path(adapter: ModelAdapter, role: str, layer: int) -> str:
-    return f"{adapter.block_paths()[layer]}.{adapter.roles[role]}"
-
-
 def install_shared_basis(adapter: ModelAdapter, role: str, group: Sequence[int], basis: torch.Tensor,
                          coeffs: Sequence[torch.Tensor]) -> nn.Parameter:
     """Replace the ``role`` linear of every layer in ``group`` by a ``SharedBasisLinear`` computing with one basis
     Parameter (``basis``, rank x d_in) and its own coefficients (``coeffs[j]``, d_out x rank); biases are kept.
     Dtype and device follow the first layer's weight. Returns the shared Parameter."""
-    layers = [adapter.model.get_submodule(role_path(adapter, role, i)) for i in group]
+    layers = [adapter.model.get_submodule(adapter.role_path(role, i)) for i in group]
     ref = layers[0].weight
     shared = nn.Parameter(basis.detach().to(ref.device, ref.dtype).contiguous())
     for i, layer, coeff in zip(group, layers, coeffs):
-        adapter.replace(role_path(adapter, role, i), SharedBasisLinear.from_shared(shared, coeff, layer.bias))
+        adapter.replace(adapter.role_path(role, i), SharedBasisLinear.from_shared(shared, coeff, layer.bias))
     return shared
 
 
@@ -150,7 +146,7 @@ class PlanFitter:
                 chol, damped = whitening_factor(Gram.pooled(members, self.device).xtx)
                 factors[key] = chol
                 self.damped += damped
-            weights = [self.adapter.model.get_submodule(role_path(self.adapter, role, i)).weight for i in group]
+            weights = [self.adapter.model.get_submodule(self.adapter.role_path(role, i)).weight for i in group]
             basis, coeffs = whitened_basis(weights, factors[key], rank)
             self.bases[(role, group)] = install_shared_basis(self.adapter, role, group, basis, coeffs)
             for i in group:
@@ -174,26 +170,16 @@ class PlanRefitter:
         self.grams.update({(role, index): grams[role] for role in roles})
         for role, group, _ in self.pending.pop(index, []):
             gram = Gram.pooled([self.grams.pop((role, i)) for i in group], self.device).xtx
-            layers = [self.adapter.model.get_submodule(role_path(self.adapter, role, i)) for i in group]
+            layers = [self.adapter.model.get_submodule(self.adapter.role_path(role, i)) for i in group]
             coeffs = refit_coefficients(layers[0].v, [self.dense.pop((role, i)) for i in group], gram)
             for layer, coeff in zip(layers, coeffs):
                 layer.u.copy_(coeff)
 
 
-def model_kind(adapter: ModelAdapter) -> str | None:
-    """transformers' ``config.model_type``; "vit" / "swin" for the timm adapters."""
-    kind = getattr(getattr(adapter.model, "config", None), "model_type", None)
-    if kind is None and isinstance(adapter, TimmSwinAdapter):
-        return "swin"
-    if kind is None and isinstance(adapter, TimmViTAdapter):
-        return "vit"
-    return kind
-
-
 def shared_roles_for(adapter: ModelAdapter, table: dict[str, list[str]], key: str) -> list[str]:
     """The roles ``table`` (model kind -> roles, ``default`` for the rest; config field ``method.<key>``) shares
     for ``adapter``'s model, checked against the adapter's roles."""
-    kind = model_kind(adapter)
+    kind = adapter.model_kind()
     roles = table.get(kind, table[DEFAULT_KIND])
     unknown = [r for r in roles if r not in adapter.roles]
     if unknown:
@@ -216,7 +202,7 @@ class BasisSharing(Method):
         the layers the scope holds; ranks from the ratio."""
         shared = self.shared_roles(adapter)
         layers: dict[str, list[int]] = {}
-        for i, roles in scope_roles(adapter, list(adapter.scope(self.cfg.scope))).items():
+        for i, roles in adapter.scope_roles(self.cfg.scope).items():
             for role in roles:
                 layers.setdefault(role, []).append(i)
         groups, ranks = {}, {}
@@ -224,12 +210,12 @@ class BasisSharing(Method):
             idx = layers[role]
             size = self.cfg.group_size if role in shared else 1
             groups[role] = [tuple(idx[j] for j in g) for g in consecutive_groups(len(idx), size)]
-            d_out, d_in = adapter.model.get_submodule(role_path(adapter, role, idx[0])).weight.shape
+            d_out, d_in = adapter.model.get_submodule(adapter.role_path(role, idx[0])).weight.shape
             ranks[role] = [self.cfg.fit_rank(basis_rank(d_in, d_out, len(g), self.cfg.ratio)) for g in groups[role]]
             if min(ranks[role]) < 1:
                 raise ConfigError(f"method.ratio={self.cfg.ratio} leaves rank 0 for {role} ({d_out}x{d_in})")
             for g in groups[role]:
-                weights = [adapter.model.get_submodule(role_path(adapter, role, i)).weight for i in g]
+                weights = [adapter.model.get_submodule(adapter.role_path(role, i)).weight for i in g]
                 if len({(w.device, w.dtype, tuple(w.shape)) for w in weights}) > 1:
                     raise ConfigError(f"basis_sharing: the {role} layers {list(g)} differ in device, dtype or shape; "
                                       "a shared basis needs one of each (place the model on one device)")
@@ -237,12 +223,12 @@ class BasisSharing(Method):
 
     def check(self, adapter) -> None:
         super().check(adapter)
-        check_block_linears(self.name, adapter, self.cfg.scope)
+        adapter.check_block_linears(self.name, self.cfg.scope)
         self.plan(adapter)
 
     def apply(self, model, adapter, ctx: CompressContext) -> dict[str, float]:
         plan = self.plan(adapter)
-        dense = {(role, i): model.get_submodule(role_path(adapter, role, i)).weight.detach().to("cpu", copy=True)
+        dense = {(role, i): model.get_submodule(adapter.role_path(role, i)).weight.detach().to("cpu", copy=True)
                  for role, g, _ in plan.classes() for i in g} if self.cfg.update else {}
         fitter = PlanFitter(adapter, plan, ctx.device)
         inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)

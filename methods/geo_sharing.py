@@ -1,34 +1,33 @@
 """Geo-Sharing (arXiv 2511.06786; at ICML 2026 "Curvature-aware Graph Coloring", CGC): cross-layer basis sharing
 whose sharing classes are chosen by a second-order (Hessian) criterion, not restricted to adjacent layers.
 
-What the sources state (the project's Geo-Sharing specification, section 1.2): a sharing configuration is a
-colouring alpha: layers -> sharing classes, each class one shared low-rank basis; alpha follows from a Taylor /
-Hessian-spectrum criterion that projects the sharing perturbation onto the low-curvature eigensubspace; the
-third-party account of the paper's Sec. 3.2 lists (1) a local quadratic loss model, (2) candidate-basis selection
-by high-curvature perturbation energy, (3) low-curvature projection and clipping; the design notes add Lanczos
-"minor axes" with t = 550, the trust region tau = beta ||W||_F and "32 layers -> 12 bases at 50 %". The paper's
-body, equations and code are not available, so this file implements the specification's *reconstruction*
-(section 1.4), every step on the Basis Sharing building blocks (``methods.basis_sharing``) so that the two methods
-differ only in the colouring, the ranks that follow from it, and the trust-region refit:
+What the paper states (abstract and the outline of its Sec. 3.2): a sharing configuration is a colouring
+alpha: layers -> sharing classes, each class one shared low-rank basis; alpha follows from a Taylor /
+Hessian-spectrum criterion that projects the sharing perturbation onto the low-curvature eigensubspace, in three
+parts: (1) a local quadratic loss model, (2) candidate-basis selection by high-curvature perturbation energy,
+(3) low-curvature projection and clipping; reported settings are Lanczos "minor axes" with t = 550, the trust
+region tau = beta ||W||_F and "32 layers -> 12 bases at 50 %". The paper's equations and code are not public, so
+this file is a *reconstruction*, every step on the Basis Sharing building blocks (``methods.basis_sharing``) so that
+the two methods differ only in the colouring, the ranks that follow from it, and the trust-region refit:
 
-1. **Nodes** (spec 1.4 step 1): one graph per matrix type (adapter role). The roles of ``share_types`` (by model
+1. **Nodes**: one graph per matrix type (adapter role). The roles of ``share_types`` (by model
    kind, as Basis Sharing's ``shared``: q, k, v, gate, up on LLaMA; the fused ``qkv`` and ``fc1`` on timm ViT and
    Swin, i.e. the linears reading the normalised residual stream) are coloured; every other role of the scope is
    private (a singleton class: SVD-LLM, with the same trust-region refit). Only layers of one shape, dtype and
    device can share, so Swin's stages are coloured separately.
-2. **Candidate basis of a class G** (step 2): Basis Sharing's whitened shared SVD with the pooled
+2. **Candidate basis of a class G**: Basis Sharing's whitened shared SVD with the pooled
    M_G = sum_{i in G} X_i^T X_i (``whitened_basis``), at the class's rank (step 5).
-3. **Curvature** (step 3): ``hessian: kfac`` (default) uses the layer-wise Gauss-Newton proxy H_l ~ (X_l^T X_l / N)
+3. **Curvature**: ``hessian: kfac`` (default) uses the layer-wise Gauss-Newton proxy H_l ~ (X_l^T X_l / N)
    (x) I: its top-t eigenpairs (lambda_i, u_i) in input space by Lanczos or LOBPCG (``top_eigenpairs``; t is
    clipped to d_in, and small problems are solved exactly), energy E_hi(D) = sum_i lambda_i ||D u_i||^2.
    ``hessian: hvp`` uses the true Hessian of the task loss (LM cross-entropy, or cross-entropy on the labelled
    calibration images) w.r.t. each weight matrix: Hessian-vector products (double backward on the first
    ``hvp_samples`` calibration batches, on the dense model), Lanczos for the top-t eigenpairs (t clipped to
    d_out * d_in), E_hi(D) = sum_i lambda_i <vec D, v_i>^2. It stores t vectors of d_out * d_in per matrix, so it is
-   for ViT/Swin/demo-size models (spec 1.4 step 3 (B)). ``energy_weighted: false`` drops the lambda_i.
-4. **Colouring** (step 4): per role and shape component of L layers, K classes (below). The objective is
+   for ViT/Swin/demo-size models. ``energy_weighted: false`` drops the lambda_i.
+4. **Colouring**: per role and shape component of L layers, K classes (below). The objective is
    J(alpha) = sum_classes sum_{i in G} E_hi(W_hat_i(G) - W_i), the high-curvature energy of every layer's
-   sharing perturbation. ``init: pairs`` starts from the pairwise conflict costs of the specification,
+   sharing perturbation. ``init: pairs`` starts from pairwise conflict costs,
    c_ij = E_i({i,j}) + E_j({i,j}) - E_i({i}) - E_j({j}), merged by average-linkage agglomerative clustering into
    K classes with no adjacency constraint; then ``refine_iters`` rounds of the per-layer candidate-basis
    selection (every layer moves to the class basis that represents it with the least high-curvature energy,
@@ -36,14 +35,14 @@ differ only in the colouring, the ranks that follow from it, and the trust-regio
    refined the same way and the lower J of the two results is kept, so by its own criterion the colouring is
    never worse than adjacency (``init: adjacent``: that start only). ``colouring: adjacent`` gives contiguous
    classes (Basis Sharing's consecutive groups when K = L/2).
-5. **Budget** (steps 4-5, spec 1.5): K = round(L (1 - ratio)^class_exponent), clipped to [1, L], unless
-   ``num_classes`` is set. class_exponent = log2(32/12) = 1.415 puts the design notes' one data point (32 layers ->
+5. **Budget**: K = round(L (1 - ratio)^class_exponent), clipped to [1, L], unless
+   ``num_classes`` is set. class_exponent = log2(32/12) = 1.415 puts the reported data point (32 layers ->
    12 bases at 50 %) on the rule; it gives K = L as ratio -> 0, K = L/2 (Basis Sharing's pairs) at ratio 0.39,
    and for L = 32 a single class only beyond ratio 0.88. Each class gets the rank of its own size, Basis Sharing's
    k = floor(n d_in d_out (1 - ratio) / (d_in + n d_out)) (``basis_rank``), so every class stores at most
    (1 - ratio) of its dense parameters whatever the colouring; a two-sided class stores
    k (d_in + d_out) + n k^2 under the same bound.
-6. **Trust region and refit** (step 6): D_l = W_hat_l - W_l; its low-curvature part D_l (I - U_t U_t^T) (or
+6. **Trust region and refit**: D_l = W_hat_l - W_l; its low-curvature part D_l (I - U_t U_t^T) (or
    (I - V_t V_t^T) vec D_l for hvp) is clipped to Frobenius norm tau_l = beta ||W_l||_F (``clip_low_curvature``),
    W'_l = W_l + that. W'_l does not factorise in the shared basis, so ``refit_coeffs: true`` re-solves the
    coefficients by whitened least squares on the class's pooled statistics, C = (B^T M B)^-1 B^T M W'
@@ -52,19 +51,19 @@ differ only in the colouring, the ranks that follow from it, and the trust-regio
    target is W itself and the refit returns the SVD's own coefficients: Basis Sharing exactly. With kfac and
    t >= d_in (every demo-size model at t = 550) no low-curvature direction is left: the trust region moves
    nothing and E_hi is the whole whitened error tr(D X^T X D^T) / N.
-7. **Switches** (step 7; conf/method/geo_sharing.yaml): t, beta, num_classes / class_exponent, hessian
+7. **Switches** (conf/method/geo_sharing.yaml): t, beta, num_classes / class_exponent, hessian
    {kfac, hvp}, solver {lanczos, lobpcg, eigh}, energy_weighted, share_types, basis_form {one_sided, two_sided},
    refit_coeffs, colouring {curvature, adjacent}, init {pairs, adjacent}, refine_iters, hvp_samples, hvp_iters.
-   Calibration data come from the task (``task.calib``; the specification assumes 256 x 2048 WikiText-2 train
-   tokens for LLaMA-7B). ``basis_form: two_sided`` stores W_i ~ U_b S_i V_b^T with the input basis V_b of step 2,
+   Calibration data come from the task (``task.calib``; the SVD-LLM protocol for LLaMA-7B is 256 x 2048
+   WikiText-2 train tokens). ``basis_form: two_sided`` stores W_i ~ U_b S_i V_b^T with the input basis V_b of step 2,
    an output basis U_b (the top-k left singular vectors of the class's coefficients weighted by the basis's
    whitened Gram) shared too, and a k x k core S_i per layer (``TwoSidedSharedLinear``); the colouring scores
    the one-sided fit at the class's rank.
 
-Defaults and their evidence: t = 550 and beta = 0.05 (the design notes' sanity-run value inside their reported
-useful range 1e-2..1e-1, whose optimum is near 1e-2) [seed]; K from the budget rule above [seed anchor, inferred
-rule]; kfac curvature, pair initialisation, per-class Basis Sharing ranks, share_types as Basis Sharing, whitened
-refit [inferred; spec 1.4 steps 1-6]. Everything not stated by the paper is a proposal (spec section 6, items 2-6).
+Defaults and their evidence: t = 550 [reported]; beta = 0.05, inside the reported useful range 1e-2..1e-1
+[reported range, chosen value]; K from the budget rule above [reported anchor, inferred rule]; kfac curvature, pair
+initialisation, per-class Basis Sharing ranks, share_types as Basis Sharing, whitened refit [inferred, steps
+1-6 above]. Everything the paper does not state is a proposal of this implementation.
 
 Statistics are the dense model's, block by block (``methods.calibration``; Swin through the patch merging between
 its stages); private roles are fitted while the statistics stream, the coloured roles'
@@ -96,14 +95,13 @@ from methods.basis_sharing import (
     SharingPlan,
     basis_rank,
     refit_coefficients,
-    role_path,
     shared_roles_for,
 )
 from methods.calibration import Gram, capture_block_inputs, run_blocks
 from methods.curvature import clip_low_curvature, high_curvature_energy, lanczos_topk, top_eigenpairs, weight_hvp
-from methods.modules import CompressedModule
+from methods.modules import TwoSidedSharedLinear
 from methods.svd import LowRankConfig
-from methods.svd_llm import check_block_linears, scope_roles, whitened_basis, whitening_factor
+from methods.svd_llm import whitened_basis, whitening_factor
 from tasks.adapters import ModelAdapter
 
 log = logging.getLogger("compbench")
@@ -242,7 +240,7 @@ class Curvature:
 def trust_region_target(weight: torch.Tensor, approx: torch.Tensor, curvature: Curvature, beta: float
                         ) -> torch.Tensor:
     """W' = W + the low-curvature part of the sharing perturbation W_hat - W, clipped to Frobenius norm
-    tau = beta ||W||_F (spec 1.4 step 6): W' keeps W along the top-t curvature directions."""
+    tau = beta ||W||_F (step 6 of the module docstring): W' keeps W along the top-t curvature directions."""
     return weight + curvature.low_part(approx - weight, beta * float(weight.norm()))
 
 
@@ -292,9 +290,8 @@ def hvp_curvature(model: nn.Module, path: str, batches: Sequence[Any],
 def loss_batches(ctx: CompressContext, n: int) -> tuple[list[Any], Callable[[Callable[..., Any], Any], torch.Tensor]]:
     """The first ``n`` calibration batches and the loss whose Hessian ``hessian: hvp`` uses: cross-entropy on the
     task's labelled calibration batches where it has them, else the LM loss of token windows."""
-    source = getattr(ctx.task, "calibration_labeled_batches", None)
-    if source is not None:
-        return list(islice(source(ctx.seed), n)), labelled_loss
+    if ctx.provides("labelled_calibration_batches"):
+        return list(islice(ctx.labelled_calibration_batches(), n)), labelled_loss
     batches = list(islice(ctx.calibration_batches(), n))
     if not batches or not all(isinstance(b, dict) and "input_ids" in b for b in batches):
         raise ConfigError("geo_sharing hessian=hvp needs a loss: labelled calibration batches (image tasks) or "
@@ -349,7 +346,7 @@ class ClassScorer:
         return self.energy(i, coeff @ basis)
 
     def pair_costs(self, layers: Sequence[int]) -> dict[tuple[int, int], float]:
-        """Conflict costs c_ij = E_i({i,j}) + E_j({i,j}) - E_i({i}) - E_j({j}) (spec 1.4 step 4)."""
+        """Conflict costs c_ij = E_i({i,j}) + E_j({i,j}) - E_i({i}) - E_j({j}) (step 4 of the module docstring)."""
         single = {i: self.fit((i,))[i] for i in layers}
         out = {}
         for a, i in enumerate(layers):
@@ -429,47 +426,6 @@ def colour_component(scorer: ClassScorer | None, layers: Sequence[int], k: int, 
     return partition, {"objective": objective, "objective_adjacent": scorer.objective(adjacent)}
 
 
-# -- the compressed module -----------------------------------------------------------------------------------------
-class TwoSidedSharedLinear(CompressedModule):
-    """y = ((x V^T) S^T) W^T + b: an input basis ``v`` (rank, in) and an output basis ``w`` (out, rank), both shared
-    by every layer of the sharing class (the same ``nn.Parameter`` objects), and this layer's core ``s``
-    (rank, rank). Geo-Sharing's ``basis_form: two_sided``, W_i ~ U_b S_i V_b^T."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.dense_weight_shape = (out_features, in_features)
-        self.v = nn.Parameter(torch.empty(rank, in_features))
-        self.w = nn.Parameter(torch.empty(out_features, rank))
-        self.s = nn.Parameter(torch.empty(rank, rank))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def from_shared(cls, v: nn.Parameter, w: nn.Parameter, core: torch.Tensor, bias: torch.Tensor | None
-                    ) -> "TwoSidedSharedLinear":
-        """A layer computing with ``v`` and ``w`` themselves (not copies) and copies of ``core`` and ``bias``."""
-        with torch.device("meta"):
-            m = cls(v.shape[1], w.shape[0], v.shape[0], bias is not None)
-        m.v, m.w = v, w
-        m.s = nn.Parameter(core.detach().to(v.device, v.dtype, copy=True))
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(v.device, v.dtype, copy=True))
-        return m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(F.linear(x, self.v), self.s), self.w, self.bias)
-
-    def spec(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "bias": self.bias is not None}
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.w @ self.s @ self.v
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, shared input and output bases"
-
-
 # -- the method ----------------------------------------------------------------------------------------------------
 @dataclass
 class Layout:
@@ -527,7 +483,7 @@ class _Statistics:
         private = [r for r in roles if r in self.layout.private]
         if not private:
             return
-        dense = {r: self.adapter.model.get_submodule(role_path(self.adapter, r, index)).weight for r in private}
+        dense = {r: self.adapter.model.get_submodule(self.adapter.role_path(r, index)).weight for r in private}
         self.fitter(index, {r: grams[r] for r in private})
         for role, group, _ in self.pending.pop(index, []):
             self.stats += self.method.finish_class(self.adapter, role, group, [dense[role]], grams[role].xtx,
@@ -547,7 +503,7 @@ class GeoSharing(Method):
     def layout(self, adapter: ModelAdapter) -> Layout:
         shared = self.shared_roles(adapter)
         layers: dict[str, list[int]] = {}
-        for i, roles in scope_roles(adapter, list(adapter.scope(self.cfg.scope))).items():
+        for i, roles in adapter.scope_roles(self.cfg.scope).items():
             for role in roles:
                 layers.setdefault(role, []).append(i)
         graph: dict[str, list[list[int]]] = {}
@@ -556,7 +512,7 @@ class GeoSharing(Method):
         for role in (r for r in adapter.roles if r in layers):
             components: dict[tuple, list[int]] = {}
             for i in layers[role]:
-                w = adapter.model.get_submodule(role_path(adapter, role, i)).weight
+                w = adapter.model.get_submodule(adapter.role_path(role, i)).weight
                 shapes[(role, i)] = (int(w.shape[0]), int(w.shape[1]))
                 components.setdefault((tuple(w.shape), w.dtype, w.device), []).append(i)
                 if class_rank(w.shape[1], w.shape[0], 1, self.cfg.ratio, self.cfg.basis_form) < 1:
@@ -579,7 +535,7 @@ class GeoSharing(Method):
 
     def check(self, adapter) -> None:
         super().check(adapter)
-        check_block_linears(self.name, adapter, self.cfg.scope)
+        adapter.check_block_linears(self.name, self.cfg.scope)
         self.layout(adapter)
 
     # -- steps -------------------------------------------------------------------------------------------------
@@ -590,7 +546,7 @@ class GeoSharing(Method):
         out = {}
         items = sorted({(r, i) for r, i in layout.shapes}, key=lambda x: (x[1], list(adapter.roles).index(x[0])))
         for role, i in items:
-            c = hvp_curvature(model, role_path(adapter, role, i), batches, loss, self.cfg.t, self.cfg.hvp_iters,
+            c = hvp_curvature(model, adapter.role_path(role, i), batches, loss, self.cfg.t, self.cfg.hvp_iters,
                               ctx.seed)
             out[f"{role}.{i}"] = {"lam": c.lam.detach().cpu(), "u": c.u.detach().cpu()}
         return out
@@ -606,7 +562,7 @@ class GeoSharing(Method):
                 k = self.classes_for(len(layers))
                 scorer = None
                 if self.cfg.colouring == "curvature" and 1 < k < len(layers):
-                    weights = {i: adapter.model.get_submodule(role_path(adapter, role, i)).weight for i in layers}
+                    weights = {i: adapter.model.get_submodule(adapter.role_path(role, i)).weight for i in layers}
                     scorer = ClassScorer(weights, {i: stats.grams[(role, i)] for i in layers},
                                          {i: stats.curvature[(role, i)] for i in layers},
                                          lambda n, r=role, l0=layers[0]: self.rank(layout, r, [l0] * n),
@@ -627,7 +583,7 @@ class GeoSharing(Method):
         W' = W + clip(low-curvature part of W_hat - W, beta ||W||_F), the coefficients refitted towards it on the
         class's pooled ``gram``, then the two-sided form if asked. Returns per-layer numbers for the metrics."""
         dev = gram.device
-        layers = [adapter.model.get_submodule(role_path(adapter, role, i)) for i in group]
+        layers = [adapter.model.get_submodule(adapter.role_path(role, i)) for i in group]
         basis = layers[0].v.detach().to(dev, torch.float64)
         targets, stats = [], []
         for layer, w, curv in zip(layers, dense, curvature):
@@ -642,7 +598,7 @@ class GeoSharing(Method):
                 layer.u.copy_(coeff)
         if self.cfg.basis_form == "two_sided":
             self._two_sided(adapter, role, group, layers, gram)
-            layers = [adapter.model.get_submodule(role_path(adapter, role, i)) for i in group]
+            layers = [adapter.model.get_submodule(adapter.role_path(role, i)) for i in group]
         for s, layer, w, curv in zip(stats, layers, dense, curvature):
             w = w.detach().to(dev, torch.float64)
             s["energy"] = curv.energy(layer.dense_weight().detach().to(dev, torch.float64) - w,
@@ -663,7 +619,7 @@ class GeoSharing(Method):
         u = torch.linalg.svd(torch.cat([c @ r for c in coeffs], dim=1), full_matrices=False)[0][:, :k]
         out_basis = nn.Parameter(u.to(shared.device, shared.dtype).contiguous())
         for i, layer, c in zip(group, layers, coeffs):
-            adapter.replace(role_path(adapter, role, i),
+            adapter.replace(adapter.role_path(role, i),
                             TwoSidedSharedLinear.from_shared(shared, out_basis, u.T @ c, layer.bias))
 
     def statistics_pass(self, adapter: ModelAdapter, roles: Sequence[str], callback: _Statistics,
@@ -695,7 +651,7 @@ class GeoSharing(Method):
             present = [r for r in plan.groups if (r, i) in stats.grams]
             if not present:
                 continue
-            dense.update({(r, i): model.get_submodule(role_path(adapter, r, i)).weight for r in present})
+            dense.update({(r, i): model.get_submodule(adapter.role_path(r, i)).weight for r in present})
             fitter(i, {r: stats.grams[(r, i)] for r in present})
             for role, group, _ in pending.pop(i, []):
                 gram = Gram.pooled([stats.grams[(role, j)] for j in group], ctx.device).xtx

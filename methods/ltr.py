@@ -108,7 +108,7 @@ class Ltr(Method):
             saved.update(rewind=_state(model), rewind_iteration=0)
         # level 0 is not resumed mid-way: the rewind point lives in memory until the level ends
         ckpt = ctx.stage_dir / f"ltr_level{level}_train.pt" if ctx.stage_dir is not None and level > 0 else None
-        result = ctx.task.train(model, ctx.seed, after_step=after_step, log=after_epoch, ckpt_path=ckpt)
+        result = ctx.train(model, after_step=after_step, log=after_epoch, ckpt_path=ckpt)
         if level == 0 and "rewind" not in saved:
             log.warning("ltr: training has fewer than rewind_epoch=%d epochs; rewinding to its end (step %d)",
                         self.cfg.rewind_epoch, steps)

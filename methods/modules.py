@@ -228,6 +228,46 @@ class MaskedConv2d(_Masked, nn.Conv2d):
 
     def spec(self) -> dict[str, Any]:
         return _conv_spec(self)
+class TwoSidedSharedLinear(CompressedModule):
+    """y = ((x V^T) S^T) W^T + b: an input basis ``v`` (rank, in) and an output basis ``w`` (out, rank), both shared
+    by every layer of the sharing class (the same ``nn.Parameter`` objects), and this layer's core ``s``
+    (rank, rank). Geo-Sharing's ``basis_form: two_sided``, W_i ~ U_b S_i V_b^T."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.dense_weight_shape = (out_features, in_features)
+        self.v = nn.Parameter(torch.empty(rank, in_features))
+        self.w = nn.Parameter(torch.empty(out_features, rank))
+        self.s = nn.Parameter(torch.empty(rank, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_shared(cls, v: nn.Parameter, w: nn.Parameter, core: torch.Tensor, bias: torch.Tensor | None
+                    ) -> "TwoSidedSharedLinear":
+        """A layer computing with ``v`` and ``w`` themselves (not copies) and copies of ``core`` and ``bias``."""
+        with torch.device("meta"):
+            m = cls(v.shape[1], w.shape[0], v.shape[0], bias is not None)
+        m.v, m.w = v, w
+        m.s = nn.Parameter(core.detach().to(v.device, v.dtype, copy=True))
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(v.device, v.dtype, copy=True))
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(F.linear(x, self.v), self.s), self.w, self.bias)
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bias": self.bias is not None}
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.w @ self.s @ self.v
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, shared input and output bases"
+
+
 
 
 def _conv_spec(layer: nn.Conv2d) -> dict[str, Any]:

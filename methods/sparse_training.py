@@ -19,7 +19,7 @@ gradients when step t updates a RigL mask.
   ``initial`` at ``prepare``; at every multiple of ``update_every`` up to ``t_end`` (and at ``t_end`` itself):
   sparsity ``initial`` before ``t_accel``, then s_f + (s_acc - s_f) (1 - (t - t_accel) / (t_end - t_accel))^3,
   which is s_acc at t_accel and exactly s_f at t_end. ``quirk=True`` divides by t_end instead, as sparsimony does
-  (so the schedule never reaches s_f; spec 1.9), and skips the final pruning to s_f that ``finalize`` does
+  (so the schedule never reaches s_f), and skips the final pruning to s_f that ``finalize`` does
   otherwise. Pruning only removes weights (global magnitude over the active ones).
 """
 from __future__ import annotations

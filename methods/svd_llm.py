@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method
@@ -78,15 +77,14 @@ class SVDLLM(Method):
 
     def check(self, adapter) -> None:
         super().check(adapter)
-        check_block_linears(self.name, adapter, self.cfg.scope)
+        adapter.check_block_linears(self.name, self.cfg.scope)
         for path, layer in adapter.scope(self.cfg.scope).items():
             if rank_for_ratio(layer.out_features, layer.in_features, self.cfg.ratio) < 1:
                 raise ConfigError(f"method.ratio={self.cfg.ratio} leaves rank 0 for {path} "
                                   f"({layer.out_features}x{layer.in_features})")
 
     def apply(self, model, adapter, ctx: CompressContext) -> dict[str, float]:
-        paths = list(adapter.scope(self.cfg.scope))
-        by_block = scope_roles(adapter, paths)
+        by_block = adapter.scope_roles(self.cfg.scope)
         roles = sorted({r for rs in by_block.values() for r in rs}, key=list(adapter.roles).index)
         ranks, damped = [], 0
 
@@ -94,7 +92,7 @@ class SVDLLM(Method):
             nonlocal damped
             factors: dict[int, tuple[torch.Tensor, bool]] = {}  # one Cholesky per input group
             for role in by_block.get(i, ()):
-                path = f"{adapter.block_paths()[i]}.{adapter.roles[role]}"
+                path = adapter.role_path(role, i)
                 layer = model.get_submodule(path)
                 gram = grams[role]
                 if id(gram) not in factors:
@@ -111,33 +109,3 @@ class SVDLLM(Method):
         run_blocks(adapter, inputs, roles, compress, ctx.device, ctx.progress, desc="svd_llm")
         return {"method/rank_mean": sum(ranks) / len(ranks), "method/rank_min": min(ranks),
                 "method/damped_grams": damped}
-
-
-def check_block_linears(method: str, adapter, scope: str) -> None:
-    """Refuse scopes that are not ``nn.Linear`` layers of an adapter's named roles in its repeated blocks
-    (block-wise calibration needs them), and weights offloaded to disk."""
-    if not adapter.roles or not adapter.block_paths():
-        raise ConfigError(f"{method} needs a transformer adapter with named linear roles; "
-                          f"{type(adapter.model).__name__} has none")
-    scope_map = adapter.scope(scope)
-    roles_of = {f"{b}.{adapter.roles[r]}" for b in adapter.block_paths() for r in adapter.roles}
-    stray = [p for p in scope_map if p not in roles_of]
-    if stray:
-        raise ConfigError(f"{method}: scope {scope!r} holds layers outside the blocks' linear roles ({stray[0]}); "
-                          "use scope linear, attention or mlp")
-    for path, layer in scope_map.items():
-        if not isinstance(layer, nn.Linear):
-            raise ConfigError(f"{method} compresses nn.Linear layers; {path} is {type(layer).__name__}")
-        if layer.weight.device.type == "meta":
-            raise ConfigError(f"{method}: {path} is offloaded to disk (meta weights); block-wise calibration needs "
-                              "every weight in GPU or CPU memory")
-
-
-def scope_roles(adapter, paths: Sequence[str]) -> dict[int, list[str]]:
-    """{block index: roles of that block in ``paths``}, roles in adapter order."""
-    index = {f"{b}.{adapter.roles[r]}": (i, r) for i, b in enumerate(adapter.block_paths()) for r in adapter.roles}
-    out: dict[int, list[str]] = {}
-    for p in paths:
-        i, r = index[p]
-        out.setdefault(i, []).append(r)
-    return out

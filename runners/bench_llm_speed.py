@@ -38,7 +38,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from methods import kernels
-from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis, role_path
+from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis
 from methods.fuse import inference_layout
 from methods.geo_sharing import num_classes_for
 from methods.modules import LowRankLinear
@@ -83,7 +83,7 @@ def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks
     ranks: dict[str, int] = {}
     n_layers = len(adapter.blocks())
     for role in adapter.roles:
-        ref = model.get_submodule(role_path(adapter, role, 0))
+        ref = model.get_submodule(adapter.role_path(role, 0))
         d_out, d_in = ref.weight.shape
         shared = layout in ("basis_sharing", "geo_sharing") and role in SHARED_ROLES
         if not shared:
@@ -102,7 +102,7 @@ def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks
                 install_shared_basis(adapter, role, group, basis,
                                      [_random_factor(d_out, rank, ref.weight, gen) for _ in group])
             else:
-                path = role_path(adapter, role, group[0])
+                path = adapter.role_path(role, group[0])
                 layer = model.get_submodule(path)
                 adapter.replace(path, LowRankLinear.from_factors(_random_factor(d_out, rank, ref.weight, gen),
                                                                  _random_factor(rank, d_in, ref.weight, gen),

@@ -15,14 +15,13 @@ import methods.geo_sharing as geo
 from core.errors import ConfigError
 from core.io import read_json
 from methods import CompressContext, create_method
-from methods.basis_sharing import BasisSharingConfig, consecutive_groups, role_path
+from methods.basis_sharing import BasisSharingConfig, consecutive_groups
 from methods.calibration import Gram
 from methods.curvature import top_eigenpairs
 from methods.geo_sharing import (
     ClassScorer,
     Curvature,
     GeoSharingConfig,
-    TwoSidedSharedLinear,
     class_params,
     colour_component,
     contiguous_classes,
@@ -33,7 +32,7 @@ from methods.geo_sharing import (
     two_sided_rank,
     weight_loss,
 )
-from methods.modules import SharedBasisLinear
+from methods.modules import SharedBasisLinear, TwoSidedSharedLinear
 from runners import accounting
 from runners.checkpoint import load_compressed, save_compressed
 from runners.record import METRICS_JSON, RUN_JSON
@@ -53,6 +52,9 @@ class Ctx(CompressContext):
     """Fixed random calibration: 4 batches of 2 x 24 tokens, or of 8 images when ``images`` is set."""
 
     images: tuple[int, ...] | None = None
+
+    def provides(self, kind):
+        return kind == "calibration_batches"
 
     def calibration_batches(self):
         gen = torch.Generator().manual_seed(self.seed)
@@ -86,7 +88,7 @@ def classes_of(model, adapter, role) -> list[tuple[int, ...]]:
     """The sharing classes of ``role``, read from the model: layers whose basis is one Parameter object."""
     out: dict[int, list[int]] = {}
     for i in range(len(adapter.block_paths())):
-        out.setdefault(id(model.get_submodule(role_path(adapter, role, i)).v), []).append(i)
+        out.setdefault(id(model.get_submodule(adapter.role_path(role, i)).v), []).append(i)
     return sorted(tuple(g) for g in out.values())
 
 
@@ -131,7 +133,7 @@ def test_beta0_t0_adjacent_colouring_is_basis_sharing():
     for role in ROLES:
         assert classes_of(a, LlamaAdapter(a), role) == classes_of(b, LlamaAdapter(b), role)
         for i in range(3):
-            la, lb = (m.get_submodule(role_path(LlamaAdapter(m), role, i)) for m in (a, b))
+            la, lb = (m.get_submodule(LlamaAdapter(m).role_path(role, i)) for m in (a, b))
             assert isinstance(la, SharedBasisLinear) and la.rank == lb.rank
             torch.testing.assert_close(la.v, lb.v, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(la.dense_weight(), lb.dense_weight(), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,6 @@ from methods.basis_sharing import (
     basis_rank,
     consecutive_groups,
     refit_coefficients,
-    role_path,
 )
 from methods.calibration import Gram, capture_block_inputs, collect_grams, run_blocks
 from methods.modules import LowRankLinear, SharedBasisLinear
@@ -70,7 +69,7 @@ def test_blockwise_grams_equal_a_direct_computation_from_all_activations():
     model = tiny_llama()
     adapter = LlamaAdapter(model)
     inputs: dict[str, list[torch.Tensor]] = {}
-    hooks = [model.get_submodule(role_path(adapter, r, i)).register_forward_hook(
+    hooks = [model.get_submodule(adapter.role_path(r, i)).register_forward_hook(
         lambda m, a, o, key=(r, i): inputs.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
         for r in ROLES for i in range(3)]
     for batch in ctx().calibration_batches():
@@ -104,7 +103,7 @@ def test_blockwise_grams_cross_swin_stages_through_the_patch_merging():
     assert [adapter.transition(i) is not None for i in range(4)] == [False, False, True, False]
     batches = [torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(2)]
     inputs: dict[tuple[str, int], list[torch.Tensor]] = {}
-    hooks = [model.get_submodule(role_path(adapter, r, i)).register_forward_hook(
+    hooks = [model.get_submodule(adapter.role_path(r, i)).register_forward_hook(
         lambda m, a, o, key=(r, i): inputs.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]).double()))
         for r in ("qkv", "fc2") for i in range(4)]
     with torch.no_grad():
@@ -200,14 +199,14 @@ def test_full_rank_plan_reproduces_the_dense_model():
     dense = logits(model)
     adapter = LlamaAdapter(model)
     groups = {r: consecutive_groups(3, 2) for r in ROLES}
-    ranks = {r: [min(model.get_submodule(role_path(adapter, r, 0)).in_features,
-                     len(g) * model.get_submodule(role_path(adapter, r, 0)).out_features) for g in groups[r]]
+    ranks = {r: [min(model.get_submodule(adapter.role_path(r, 0)).in_features,
+                     len(g) * model.get_submodule(adapter.role_path(r, 0)).out_features) for g in groups[r]]
              for r in ROLES}
     fitter = PlanFitter(adapter, SharingPlan(groups, ranks))
     run_blocks(adapter, capture_block_inputs(adapter, ctx().calibration_batches(), False), ROLES, fitter,
                progress=False)
     assert len(fitter.bases) == 2 * len(ROLES) and not fitter.grams
-    assert all(isinstance(model.get_submodule(role_path(adapter, r, i)), SharedBasisLinear)
+    assert all(isinstance(model.get_submodule(adapter.role_path(r, i)), SharedBasisLinear)
                for r in ROLES for i in range(3))
     torch.testing.assert_close(logits(model), dense, rtol=1e-4, atol=1e-4)
 
@@ -261,7 +260,7 @@ def test_group_size_one_is_svd_llm():
     create_method(SVDLLMConfig(ratio=0.4)).apply(b, LlamaAdapter(b), ctx())
     for r in ROLES:
         for i in range(3):
-            ma, mb = (m.get_submodule(role_path(LlamaAdapter(m), r, i)) for m in (a, b))
+            ma, mb = (m.get_submodule(LlamaAdapter(m).role_path(r, i)) for m in (a, b))
             assert ma.rank == mb.rank
             torch.testing.assert_close(ma.dense_weight(), mb.dense_weight(), rtol=1e-5, atol=1e-6)
 
@@ -277,11 +276,11 @@ def test_coefficient_update_reduces_the_whitened_error_on_the_compressed_inputs(
     gains = []
     for role, group, _ in method.plan(LlamaAdapter(dense)).classes():
         gram = Gram.pooled([grams[(role, i)] for i in group]).xtx
-        paths = [role_path(LlamaAdapter(dense), role, i) for i in group]
+        paths = [LlamaAdapter(dense).role_path(role, i) for i in group]
         errors = [sum(whitened_error(dense.get_submodule(p).weight, model.get_submodule(p).dense_weight(), gram)
                       for p in paths) for model in (plain, updated)]
-        torch.testing.assert_close(plain.get_submodule(role_path(LlamaAdapter(plain), role, group[0])).v,
-                                   updated.get_submodule(role_path(LlamaAdapter(updated), role, group[0])).v)
+        torch.testing.assert_close(plain.get_submodule(LlamaAdapter(plain).role_path(role, group[0])).v,
+                                   updated.get_submodule(LlamaAdapter(updated).role_path(role, group[0])).v)
         assert errors[1] <= errors[0] * (1 + 1e-9), (role, group, errors)
         gains.append(errors[0] - errors[1])
     assert max(gains) > 0
@@ -315,7 +314,7 @@ def test_whitened_truncation_beats_plain_svd_on_the_trained_demo_lm(task_cfg):
         u, v = truncated_svd(w, rank_for_ratio(w.shape[0], w.shape[1], 0.4))
         plain[path] = (w, u @ v)
     p.method.apply(model, adapter, CompressContext(p.task, torch.device("cpu"), 0, progress=False))
-    index = {role_path(adapter, r, i): (r, i) for r in ROLES for i in range(len(adapter.block_paths()))}
+    index = {adapter.role_path(r, i): (r, i) for r in ROLES for i in range(len(adapter.block_paths()))}
     for path, (w, plain_hat) in plain.items():
         gram = grams[index[path]].xtx
         assert whitened_error(w, model.get_submodule(path).dense_weight(), gram) < whitened_error(w, plain_hat, gram)
