@@ -233,3 +233,16 @@ def test_run_ids_change_only_with_the_protocol():
     assert make_task(eval=EvalConfig(datasets=["wikitext2", "c4"])).semantic_config()["eval"]["corpus_versions"] \
         == {"c4": 2}
     assert "corpus_versions" not in make_task(eval=EvalConfig(datasets=["c4_sparsegpt"])).semantic_config()["eval"]
+
+
+def test_presets_compose_on_the_llama_configs(compose_cfg):
+    from runners.schema import validate
+
+    svd_llm = validate(compose_cfg("task=llama_7b", "method=svd_llm", "task.calib.sampling=per_sample",
+                                   "task.calib.seed=3")).task.calib
+    assert (svd_llm.dataset, svd_llm.n_samples, svd_llm.seqlen, svd_llm.sampling, svd_llm.seed) == \
+        ("wikitext2", 256, 2048, "per_sample", 3)
+    default = validate(compose_cfg("task=llama_7b", "method=basis_sharing")).task
+    assert (default.calib.sampling, default.calib.seed) == ("stream", None) and "c4" in default.eval.datasets
+    with pytest.raises(ConfigError, match="task.calib.sampling"):
+        validate(compose_cfg("task=llama_7b", "task.calib.sampling=chunks"))
