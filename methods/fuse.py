@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.compressed import CompressedModule
 from methods import kernels
-from methods.modules import CompressedModule, LowRankLinear
+from methods.modules import LowRankLinear
 
 
 class InputProjection(nn.Module):

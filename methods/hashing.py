@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.compressed import CompressedModule
 from core.errors import ConfigError
 from methods import kernels
 from methods.base import CompressContext, Method, MethodConfig
 from methods.magnitude import kept_count
-from methods.modules import CompressedModule
 
 MAPPINGS = ("randomfold", "hashednet", "roast")
 GAMMA_MODES = ("v1", "v5", "none")

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import METHODS, CompressContext, Method, MethodConfig
-from methods.modules import CompressedModule, masked_from_dense
+from core.compressed import CompressedModule
+from methods.modules import masked_from_dense
 
 
 @dataclass

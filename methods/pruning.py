@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.magnitude import global_score_masks, kept_count
-from methods.modules import CompressedModule, MaskedConv2d, MaskedLinear, masked_from_dense
+from core.compressed import CompressedModule
+from methods.modules import MaskedConv2d, MaskedLinear, masked_from_dense
 
 Masked = (MaskedLinear, MaskedConv2d)
 

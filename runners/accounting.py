@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from methods.modules import CompressedModule
+from core.compressed import CompressedModule
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:

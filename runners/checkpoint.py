@@ -16,9 +16,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from core.compressed import MODULE_CLASSES, CompressedModule
 from core.errors import ConfigError
 from core.io import atomic_path
-from methods.modules import MODULE_CLASSES, CompressedModule, _Masked
+from methods.modules import _Masked
 
 FORMAT = "compbench-1"
 

@@ -27,9 +27,9 @@ from torch import nn
 
 import methods
 import tasks
+from core.compressed import CompressedModule
 from core.errors import ConfigError
 from core.io import read_json, write_json_atomic
-from methods.modules import CompressedModule
 from runners.checkpoint import load_compressed
 from runners.plan import Plan, plan
 from runners.record import METRICS_JSON, RUN_JSON

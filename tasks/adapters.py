@@ -16,14 +16,13 @@ from typing import ClassVar
 
 from torch import nn
 
+from core.compressed import CompressedModule
 from core.errors import ConfigError
 
 ADAPTERS: list[type["ModelAdapter"]] = []
 
 
 def _is_weight_layer(m: nn.Module) -> bool:
-    from methods.modules import CompressedModule
-
     return isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, CompressedModule))
 
 

@@ -347,7 +347,7 @@ def test_rank_multiple_rounds_every_rank_down_to_the_hardware_tile(name):
     """rank_multiple=4: every stored rank is the budget's rank rounded down to a multiple of 4 (never below 4), so
     the model keeps no more than the budget; rank_multiple=1 is the exact budget."""
     from methods import METHODS
-    from methods.modules import CompressedModule
+    from core.compressed import CompressedModule
 
     def ranks(multiple):
         model = tiny_llama()
