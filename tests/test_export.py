@@ -19,6 +19,7 @@ from runners.record import METRICS_JSON
 from runners.run import execute, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+NO_MEASURE = ("measure.latency=false", "measure.flops=false", "measure.memory=false", "measure.decode=none")
 
 
 class Net(nn.Module):
@@ -111,15 +112,15 @@ def lm_run(tmp_path_factory, shared_cache):
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("run", overrides=["task=demo_lm", *TINY["demo_lm"], "logger=none", f"out_dir={out}",
-                                        f"cache_dir={shared_cache}", "progress=false", "measure.latency=false",
-                                        "measure.decode=none", "method=svd", "method.ratio=0.5", "save_model=true"])
+                                        f"cache_dir={shared_cache}", "progress=false", *NO_MEASURE, "method=svd",
+                                        "method.ratio=0.5", "save_model=true"])
     GlobalHydra.instance().clear()
     assert execute(cfg, []) == "done"
     return cfg, plan(cfg).run_dir
 
 
 def test_hf_export_of_demo_lm_gives_the_runs_perplexity_in_plain_transformers(lm_run, tmp_path):
-    from tasks.hf_lm import CORPORA, JOIN
+    from tasks.lm.corpora import CORPORA, JOIN
 
     cfg, run_dir = lm_run
     metrics = read_json(run_dir / METRICS_JSON)
@@ -194,3 +195,38 @@ def test_eval_adds_a_perplexity_set_to_the_run_and_to_an_export(lm_run, tmp_path
     assert reeval.main([str(run_dir), "method.ratio=0.3"]) == 2
     assert "only key=value overrides" in capsys.readouterr().err
     assert read_json(run_dir / METRICS_JSON) == after
+
+
+FRESH_PROCESS_TIMM = r"""
+import json, sys
+import timm
+import torch
+
+folder, inputs = sys.argv[1], sys.argv[2]
+model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+with torch.no_grad():
+    logits = model(torch.load(inputs))
+ours = sorted({m.split(".")[0] for m in sys.modules} & {"core", "methods", "runners", "tasks", "tests"})
+torch.save(logits, inputs + ".out")
+print(json.dumps({"project_modules": ours}))
+"""
+
+
+def test_hf_export_of_a_timm_model_loads_with_plain_timm(task_cfg, tmp_path):
+    cfg = task_cfg("demo_vit", "method=svd", "method.ratio=0.5", "save_model=true", *NO_MEASURE)
+    assert execute(cfg, []) == "done"
+    run_dir = plan(cfg).run_dir
+    folder = tmp_path / "timm"
+    out = export(run_dir, folder, "hf")
+    assert set(out["materialised"].values()) == {"LowRankLinear"}
+    _, model, _, _ = load_model(run_dir)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
+                                                                         "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", FRESH_PROCESS_TIMM, str(folder), str(tmp_path / "x.pt")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["project_modules"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "x.pt.out"), model(x), rtol=1e-5, atol=1e-5)
