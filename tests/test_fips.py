@@ -71,7 +71,8 @@ def images(n: int = 4, size: int = 16, seed: int = 7) -> torch.Tensor:
 
 # -- shapes, ranks, groups ------------------------------------------------------------------------------------------
 def test_rank_formula_reproduces_the_official_ranks():
-    """The spec's table (1.5): DeiT-B groups of 4, Swin-L stage groups, Gemma-2-2B, Llama-3.1-8B (official form)."""
+    """The official ranks (cemuyuk/FiPS ``compute_sparse_r``): DeiT-B groups of 4, Swin-L stage groups, Gemma-2-2B,
+    Llama-3.1-8B (official form)."""
     deit = dict(d=768, cols=8 * 3072, n_layers=8)
     assert [group_rank(**deit, kept=p, sparsity=0.75) for p in (0.5, 0.4, 0.25)] == [1365, 1092, 682]
     assert group_rank(**deit, kept=0.5, sparsity=0.0) == 372
@@ -326,7 +327,7 @@ def test_gmp_reaches_the_target_sparsity_on_its_schedule():
     assert all(a <= b for a, b in zip(sparsity, sparsity[1:]))
     s20 = 0.75 + (0.5 - 0.75) * (1 - 10 / 20) ** 3
     assert sparsity[19] == pytest.approx(s20, abs=1 / 300)
-    # sparsimony's cubic term divides by t_end: it never reaches the target (spec 1.9)
+    # sparsimony's cubic term divides by t_end: it never reaches the target
     quirk = GMP(factors(), 0.75, steps=40, update_every=5, quirk=True)
     fake_training(quirk.factors, quirk, 40)
     assert quirk.sparsity() == pytest.approx(0.75 + (0.5 - 0.75) * (10 / 30) ** 3, abs=1 / 300)

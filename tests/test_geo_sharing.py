@@ -98,7 +98,7 @@ def full_rank(d_in, d_out, n, ratio, form="one_sided"):
 
 # -- budget and ranks ------------------------------------------------------------------------------------------------
 def test_budget_rule_gives_the_seed_anchor_and_stays_in_range():
-    assert num_classes_for(32, 0.5, 1.415) == 12  # the design notes: 32 layers -> 12 bases at 50 %
+    assert num_classes_for(32, 0.5, 1.415) == 12  # the reported data point: 32 layers -> 12 bases at 50 %
     assert num_classes_for(32, 0.5, GeoSharingConfig().class_exponent) == 12
     assert math.isclose(GeoSharingConfig().class_exponent, math.log2(32 / 12), abs_tol=1e-3)
     assert num_classes_for(32, 1e-3, 1.415) == 32 and num_classes_for(32, 0.999, 1.415) == 1
