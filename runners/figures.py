@@ -2,7 +2,7 @@
 
 Every figure is written as PDF (vector, TrueType fonts) and PNG (300 dpi) with panels of one-column width
 (3.4 x 2.6 in, 8 pt text). A method keeps one colour and marker in every figure of every report (``method_style``
-depends on the method's name alone); its variants (``fips [sparsity_block=16]``, ``svd [sweep=B]``) keep the
+depends on the method's name alone, ``STYLES``); its variants (``fips [sparsity_block=16]``, ``svd [sweep=B]``) keep the
 colour and differ in line style. Points are the mean over seeds, error bars +- one sample std when a point has
 several seeds. Dense is a black star at no compression with a dashed line across the panel, drawn above every
 method. The x axis is the ratio removed inside the method's scope (linear) or, with ``x="compression"``, the
@@ -27,25 +27,33 @@ RC = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize
       "ps.fonttype": 42, "savefig.bbox": "tight", "savefig.pad_inches": 0.02}
 X_AXES = {"ratio": ("scope/removed_fraction", "removed inside the method's scope", False),
           "compression": ("compression_x", "compression, whole model (x, log)", True)}
-# every method of methods/ in a fixed order: its index picks the colour and marker
-METHOD_ORDER = ("magnitude", "svd", "svd_llm", "basis_sharing", "geo_sharing", "fips", "aafm", "gfm",
-                "stable_rps", "roast", "hashednet", "mag", "random", "snip", "grasp", "synflow", "ltr")
-_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C564B", "#7F7F7F",
-            "#BCBD22", "#1F3A93", "#A61C3C", "#2CA02C", "#9467BD", "#17BECF", "#FF7F0E", "#6B8E23", "#B8860B")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "8", "H", "*", "1", "2")
+# (colour, marker) of every method of methods/: Okabe-Ito colours; the post-training and the train-time methods
+# (rarely in one figure) reuse the colours with other markers, so every pair is distinct; the star is dense's
+STYLES = {
+    "magnitude": ("#0072B2", "o"), "svd": ("#D55E00", "s"), "svd_llm": ("#009E73", "^"),
+    "basis_sharing": ("#CC79A7", "D"), "geo_sharing": ("#E69F00", "v"), "fips": ("#56B4E9", "P"),
+    "aafm": ("#8C564B", "X"), "gfm": ("#7F7F7F", "<"),
+    "stable_rps": ("#D55E00", ">"), "roast": ("#0072B2", "p"), "hashednet": ("#009E73", "h"),
+    "mag": ("#CC79A7", "d"), "random": ("#7F7F7F", "8"), "snip": ("#E69F00", "H"), "grasp": ("#56B4E9", "^"),
+    "synflow": ("#8C564B", "s"), "ltr": ("#332288", "D"),
+}
+_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C564B", "#7F7F7F", "#332288")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "d", "8", "H")
 _LINESTYLES = ("-", "--", ":", "-.")
 DENSE_STYLE = {"color": "black", "marker": "*", "markersize": 9}
 
 
 def method_style(label: str) -> dict[str, str]:
-    """Colour, marker and line style of a method label; the same label gets the same style in every figure."""
+    """Colour, marker and line style of a method label; the same label gets the same style in every figure (an
+    unknown method's comes from a hash of its name)."""
     from runners.report import base_name, variant_suffix
 
     name = base_name(label)
-    i = METHOD_ORDER.index(name) if name in METHOD_ORDER else zlib.crc32(name.encode()) % len(_COLOURS)
+    h = zlib.crc32(name.encode())
+    colour, marker = STYLES.get(name, (_COLOURS[h % len(_COLOURS)], _MARKERS[h // len(_COLOURS) % len(_MARKERS)]))
     suffix = variant_suffix(label)
     dash = _LINESTYLES[zlib.crc32(suffix.encode()) % (len(_LINESTYLES) - 1) + 1] if suffix else _LINESTYLES[0]
-    return {"color": _COLOURS[i % len(_COLOURS)], "marker": _MARKERS[i % len(_MARKERS)], "linestyle": dash}
+    return {"color": colour, "marker": marker, "linestyle": dash}
 
 
 def _values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -56,7 +64,7 @@ def _values(runs: pd.DataFrame, key: str) -> pd.Series:
 
 def draw_panel(ax, tt: "TaskTable", runs: pd.DataFrame, x: str = "ratio") -> None:
     """Draw one task's panel on ``ax`` from ``runs`` (``collect_runs`` output, that task's done runs used)."""
-    from runners.report import base_name
+    from runners.report import base_name, column_label
 
     key, xlabel, log_x = X_AXES[x]
     t = runs[(runs["task"] == tt.task) & (runs["status"] == "done")].copy()
@@ -88,16 +96,17 @@ def draw_panel(ax, tt: "TaskTable", runs: pd.DataFrame, x: str = "ratio") -> Non
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        low, high = ax.get_xlim()
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high / low < 30 else (1.0,)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     arrow = {True: " (higher is better)", False: " (lower is better)"}.get(tt.higher_is_better, "")
     ax.set_title(tt.task)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(tt.main_metric + arrow)
+    ax.set_ylabel(column_label(tt.main_metric) + arrow)
     ax.grid(alpha=0.3, linewidth=0.5)
-    if not t.empty:
-        ax.legend(frameon=False, loc="best")
+    if not t.empty:  # below the axes, so it never covers a point
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
 
 
 def render(tables: dict[str, "TaskTable"], runs: pd.DataFrame, x: str = "ratio", fmt: str = "png") -> bytes:

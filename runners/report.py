@@ -104,8 +104,8 @@ RSS_IF_PROTOCOL = {"peak_mem_bytes"}  # an RSS where its protocol/peak_mem says 
 PER_RUN_PROTOCOL = {"latency_repeats", "fused_input_groups", "kernels", "layout"}
 
 LEGEND = (
-    "Cells: mean ± std over seeds (n = seeds, shown when > 1); latency and decode: median ± IQR of the timed "
-    "repeats, averaged over seeds. Ratio headers are the configured `method.ratio`; `removed (scope)` is the fraction "
+    "Cells: mean ± std over seeds (n = seeds, shown when > 1; a std that rounds to 0 is left out); latency and "
+    "decode: median ± IQR of the timed repeats, averaged over seeds. Ratio headers are the configured `method.ratio`; `removed (scope)` is the fraction "
     "of parameters the method removed inside its scope, `compression (model, x)` dense / stored parameters of the "
     "whole model. MB = 10^6 bytes. **Bold**: best compressed method in the column (accounting columns are not "
     "marked). *Italic* dense: better than every compressed method in the column. †: noisy timing (IQR above "
@@ -495,7 +495,7 @@ class Cell:
             decimals = None
         else:
             decimals = _decimals(self.mean)
-            spread = self.std is not None and self.std != 0  # a spread of exactly 0 is left out
+            spread = self.std is not None and round(self.std, decimals) != 0  # one that rounds to 0 is left out
             core = _fmt(self.mean, decimals) + (f" ± {_fmt(self.std, decimals)}" if spread else "")
             wrap = {("markdown", True): "**{}**", ("latex", True): r"\textbf{{{}}}",
                     ("markdown", False): "*{}*", ("latex", False): r"\textit{{{}}}"}
