@@ -86,3 +86,50 @@ def test_llm_speed_bytes_only_skips_the_timing(tmp_path):
     assert "prefill_tokens_per_s" not in shared and shared["weight_bytes_vs_dense"] < 1
     assert shared["weight_bytes"] == pytest.approx(dense["weight_bytes"] - 4 * (dense["linear_params"]
                                                                                 - shared["linear_params"]))
+
+
+def test_ppl_benchmark_harness_and_plain_loops_agree(tmp_path):
+    from runners import bench_ppl
+
+    out = bench_ppl.main(["--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2", "--vocab", "64",
+                          "--seqlen", "16", "--batch", "2", "--windows", "4", "--rounds", "2",
+                          "--out", str(tmp_path / "p.json")])
+    harness, plain = out["rows"]
+    assert (harness["loop"], plain["loop"]) == ("harness", "plain")
+    assert harness["ppl"] == pytest.approx(plain["ppl"], rel=1e-5) and out["harness_vs_plain"] > 0
+    with pytest.raises(SystemExit, match="multiple of --batch"):
+        bench_ppl.main(["--windows", "3", "--batch", "2", "--out", str(tmp_path / "q.json")])
+
+
+def test_compress_cost_fits_power_laws_and_projects_every_stage(tmp_path):
+    from runners import bench_compress_cost as cc
+
+    out = cc.main(["--methods", "basis_sharing", "--widths", "32", "64", "--depths", "2", "3", "--base-width", "32",
+                   "--base-depth", "2", "--calib-samples", "2", "--calib-seqlen", "16", "--vocab", "64",
+                   "--out", str(tmp_path / "c.json")])
+    assert {(p["hidden"], p["layers"]) for p in out["points"]} == {(32, 2), (64, 2), (32, 3)}
+    proj = out["projections"]["basis_sharing"]
+    assert set(proj["h100_s"]) == {s for p in out["points"] for s in p["stage_s"]}
+    assert proj["h100_total_s"] == pytest.approx(sum(proj["h100_s"].values())) and proj["goal_s"] == 240.0
+    # a synthetic stage that grows as L * h^3 is fitted back exactly
+    points = [{"layers": l, "hidden": h, "tokens": 1, "stage_s": {"eigen": 1e-9 * l * h**3}}
+              for l, h in ((2, 64), (4, 64), (2, 128), (8, 256))]
+    law = cc.fit(points, "eigen")
+    assert law["layers_exp"] == pytest.approx(1.0) and law["hidden_exp"] == pytest.approx(3.0)
+
+
+def test_gpu_benchmark_smoke_runs_every_step_on_the_cpu(tmp_path):
+    from runners import bench_gpu
+
+    out = bench_gpu.main(["--smoke", "--out", str(tmp_path / "g.json")])
+    failed = {k: v["error"] for k, v in out["steps"].items() if v["status"] != "ok"}
+    assert not failed, failed
+    assert set(out["steps"]) == set(bench_gpu.STEPS)
+    assert len(out["steps"]["graphs"]["cases"]) >= 6
+
+
+def test_contention_benchmark_refuses_bad_settings(tmp_path):
+    from runners import bench_contention
+
+    with pytest.raises(SystemExit, match="competitors"):
+        bench_contention.main(["--competitors", "-1", "--out", str(tmp_path / "x.json")])
