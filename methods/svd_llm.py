@@ -9,17 +9,32 @@ their inputs, gives one basis L^{-T} U_k S_k shared by all of them (Basis Sharin
 Rank: r = floor((1 - ratio) * m * n / (m + n)) per matrix, as plain ``svd``. Statistics: float64 running sums,
 block by block over the dense model (``methods.calibration``); the compressed layers are ``LowRankLinear`` with
 U = V_k (out x k) and V = (L^{-T} U_k S_k)^T (k x in) (SVD-LLM splits sqrt(S_k) over both; the product is the same).
+
+``update: true`` adds SVD-LLM's parameter update (``whitening_local_update`` of the official code): a second stream
+of the calibration windows runs through the compressed model as it is being built; for block i, the still dense
+block is fed that stream (the compressed model's block input) and the inputs Z of its linears are summed as
+Z^T Z, each layer is truncated as above, then U is refit with V fixed, U = argmin ||Z W^T - Z V^T U^T||_F (the
+dense layer's outputs on the same inputs; ``refit_coefficients``), and the stream moves on through the compressed,
+updated block. This holds a second copy of the cached hidden states.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method
-from methods.calibration import Gram, capture_block_inputs, run_blocks
+from methods.calibration import (
+    BlockInputs,
+    Gram,
+    block_device,
+    capture_block_inputs,
+    forward_block,
+    input_keys,
+    run_blocks,
+)
 from methods.modules import LowRankLinear
 from methods.svd import LowRankConfig, rank_for_ratio
 
@@ -29,6 +44,28 @@ DAMPING = 1e-6  # relative to the mean eigenvalue, added above -lambda_min when 
 @dataclass
 class SVDLLMConfig(LowRankConfig):
     name: str = "svd_llm"
+    update: bool = False  # SVD-LLM's parameter update: refit U on the compressed model's inputs (module docstring)
+
+
+def dense_block_grams(adapter, stream: BlockInputs, index: int, roles: Sequence[str]) -> dict[str, Gram]:
+    """X^T X (float64) of the inputs of the ``roles`` linears of block ``index`` (``grams[role]``, one ``Gram`` per
+    input group) over the batches of ``stream``, that block's inputs; ``stream`` is left as it is."""
+    keys = input_keys(adapter, roles)
+    block = adapter.blocks()[index]
+    device = block_device(block)
+    grams: dict[str, Gram] = {}
+    handles = []
+    for key in dict.fromkeys(keys.values()):
+        linear = block.get_submodule(adapter.roles[key])
+        grams[key] = Gram.zeros(linear.in_features, device)
+        handles.append(linear.register_forward_hook(lambda m, args, out, g=grams[key]: g.add(args[0])))
+    try:
+        for h in stream.hidden:  # one batch at a time: its output is dropped
+            forward_block(adapter, BlockInputs([h], stream.block_kwargs), index, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {role: grams[key] for role, key in keys.items()}
 
 
 def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -83,13 +120,25 @@ class SVDLLM(Method):
                 raise ConfigError(f"method.ratio={self.cfg.ratio} leaves rank 0 for {path} "
                                   f"({layer.out_features}x{layer.in_features})")
 
+    def semantic_config(self) -> dict[str, Any]:
+        d = super().semantic_config()
+        if not d["update"]:
+            d.pop("update")  # added after run ids existed: without the update, the run id is the one before it
+        return d
+
     def apply(self, model, adapter, ctx: CompressContext) -> dict[str, float]:
+        from methods.basis_sharing import refit_coefficients  # basis_sharing builds on this module
+
         by_block = adapter.scope_roles(self.cfg.scope)
         roles = sorted({r for rs in by_block.values() for r in rs}, key=list(adapter.roles).index)
-        ranks, damped = [], 0
+        ranks, damped, gains = [], 0, []
+        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
+        # the compressed model's block inputs; block 0 reads the embeddings, the same as the dense model's
+        stream = BlockInputs([h.clone() for h in inputs.hidden], inputs.block_kwargs) if self.cfg.update else None
 
         def compress(i: int, grams: dict[str, Gram]) -> None:
             nonlocal damped
+            update_grams = dense_block_grams(adapter, stream, i, by_block.get(i, ())) if stream is not None else {}
             factors: dict[int, tuple[torch.Tensor, bool]] = {}  # one Cholesky per input group
             for role in by_block.get(i, ()):
                 path = adapter.role_path(role, i)
@@ -101,11 +150,22 @@ class SVDLLM(Method):
                 rank = self.cfg.fit_rank(rank_for_ratio(layer.out_features, layer.in_features, self.cfg.ratio))
                 w = layer.weight
                 basis, (coeff,) = whitened_basis([w], factors[id(gram)][0], rank)
-                adapter.replace(path, LowRankLinear.from_factors(coeff.to(w.device, w.dtype),
-                                                                 basis.to(w.device, w.dtype), layer.bias))
+                low = LowRankLinear.from_factors(coeff.to(w.device, w.dtype), basis.to(w.device, w.dtype), layer.bias)
+                adapter.replace(path, low)
                 ranks.append(rank)
+                if role in update_grams:
+                    m = update_grams[role].xtx
+                    before = whitened_error(w, low.dense_weight(), m)
+                    (u,) = refit_coefficients(low.v, [w], m)
+                    low.u.copy_(u)
+                    after = whitened_error(w, low.dense_weight(), m)
+                    gains.append(after / before if before > 0 else 1.0)
+            if stream is not None:
+                forward_block(adapter, stream, i, block_device(adapter.blocks()[i]))
 
-        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
         run_blocks(adapter, inputs, roles, compress, ctx.device, ctx.progress, desc="svd_llm")
-        return {"method/rank_mean": sum(ranks) / len(ranks), "method/rank_min": min(ranks),
-                "method/damped_grams": damped}
+        out = {"method/rank_mean": sum(ranks) / len(ranks), "method/rank_min": min(ranks),
+               "method/damped_grams": damped}
+        if gains:  # the output error on the update's inputs after / before the update, mean over layers
+            out["method/update_error_ratio"] = sum(gains) / len(gains)
+        return out

@@ -13,9 +13,14 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from methods import CompressContext, create_method
+from methods.calibration import capture_block_inputs, forward_block
+from methods.svd_llm import SVDLLMConfig, dense_block_grams, whitened_error
+from tasks.adapters import LlamaAdapter
 from tasks.hf_lm import CalibConfig, EvalConfig, HfLmConfig, HfLmTask
 from tasks.lm.calibration import per_sample_windows, row_blocks, row_windows, stream_windows
 from tasks.lm.corpora import CORPORA
+from tests.toy import tiny_llama
 
 BOS = 0
 
@@ -246,3 +251,62 @@ def test_presets_compose_on_the_llama_configs(compose_cfg):
     assert (default.calib.sampling, default.calib.seed) == ("stream", None) and "c4" in default.eval.datasets
     with pytest.raises(ConfigError, match="task.calib.sampling"):
         validate(compose_cfg("task=llama_7b", "task.calib.sampling=chunks"))
+
+
+# -- SVD-LLM's parameter update ------------------------------------------------------------------------------------
+class WindowsCtx(CompressContext):
+    """Fixed random calibration windows (3 batches of 2 x 24 tokens)."""
+
+    def calibration_batches(self):
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            yield {"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}
+
+
+def compress_svd_llm(update: bool, monkeypatch=None, full_rank: bool = False):
+    if full_rank:
+        monkeypatch.setattr("methods.svd_llm.rank_for_ratio", lambda out_f, in_f, ratio: min(out_f, in_f))
+    model = tiny_llama()
+    method = create_method(SVDLLMConfig(ratio=0.5, update=update))
+    out = method.apply(model, LlamaAdapter(model), WindowsCtx(task=None, device=torch.device("cpu"), seed=0,
+                                                             progress=False))
+    return model, out, method
+
+
+def test_update_refits_u_on_the_compressed_models_inputs():
+    """For every block, U is the least-squares fit of the dense layer's outputs on the update's inputs: the dense
+    block fed the updated model's own input to that block. V stays the truncation's; the error on those inputs is
+    never above the truncation's and falls for most layers."""
+    plain, out_plain, _ = compress_svd_llm(update=False)
+    updated, out, method = compress_svd_llm(update=True)
+    dense = tiny_llama()
+    assert "method/update_error_ratio" not in out_plain and 0 < out["method/update_error_ratio"] < 1
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    a_dense, a_upd, a_plain = LlamaAdapter(dense), LlamaAdapter(updated), LlamaAdapter(plain)
+    batches = WindowsCtx(task=None, device=torch.device("cpu"), seed=0, progress=False).calibration_batches
+    stream = capture_block_inputs(a_upd, batches(), progress=False)
+    lower = 0
+    for i in range(3):
+        grams = dense_block_grams(a_dense, stream, i, roles)
+        for role in roles:
+            w = dense.get_submodule(a_dense.role_path(role, i)).weight
+            upd, pl = updated.get_submodule(a_upd.role_path(role, i)), plain.get_submodule(a_plain.role_path(role, i))
+            torch.testing.assert_close(upd.v, pl.v)
+            m = grams[role].xtx
+            residual = (w.double() - upd.dense_weight().double()) @ m @ upd.v.double().T  # normal equations
+            assert residual.abs().max() <= 1e-3 * (w.double() @ m @ upd.v.double().T).abs().max()
+            e_upd, e_plain = whitened_error(w, upd.dense_weight(), m), whitened_error(w, pl.dense_weight(), m)
+            assert e_upd <= e_plain * (1 + 1e-6) + 1e-9
+            lower += e_upd < e_plain * 0.999
+        forward_block(a_upd, stream, i, torch.device("cpu"))
+    assert lower >= 10  # block 0's inputs are the dense model's: the update changes the later blocks most
+    assert method.semantic_config()["update"] is True
+    assert "update" not in compress_svd_llm(update=False)[2].semantic_config()  # run ids of update=false unchanged
+
+
+def test_update_is_exact_at_full_rank(monkeypatch):
+    model, out, _ = compress_svd_llm(update=True, monkeypatch=monkeypatch, full_rank=True)
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
