@@ -354,6 +354,9 @@ def test_figure_styles_dense_error_bars_and_log_axis(tmp_path):
         assert (line.get_color(), line.get_marker()) == (figures.method_style("svd")["color"],
                                                          figures.method_style("svd")["marker"])
     assert figures.method_style("svd")["color"] != figures.method_style("magnitude")["color"]
+    pairs = [(figures.method_style(m)["color"], figures.method_style(m)["marker"]) for m in figures.STYLES]
+    assert len(set(pairs)) == len(pairs) and all(marker != "*" for _, marker in pairs)  # the star is dense's
+    assert figures.method_style("new_method") == figures.method_style("new_method")
     assert figures.method_style("svd [sweep=B]")["color"] == figures.method_style("svd")["color"]
     assert figures.method_style("svd [sweep=B]")["linestyle"] != figures.method_style("svd")["linestyle"]
     # dense: its own star at no compression, above every method
