@@ -1,5 +1,6 @@
-"""Reports on synthetic run folders: collection, tables (golden markdown), LaTeX, Pareto plot, reported numbers,
-the CLI and the Hydra callback. Set UPDATE_GOLDEN=1 to rewrite the golden file (then inspect the diff)."""
+"""Reports on synthetic run folders: collection, tables (golden markdown), LaTeX, figures, efficiency cells (units,
+noise, RSS), code and protocol provenance, combined sweeps, reported numbers, the CLI and the Hydra callback.
+Set UPDATE_GOLDEN=1 to rewrite the golden file (then inspect the diff)."""
 from __future__ import annotations
 
 import csv
