@@ -84,6 +84,14 @@ class CompressContext:
             self.stage_metrics[f"{key}_s"] = self.stage_metrics.get(f"{key}_s", 0.0) + seconds + now - start
             self.stage_metrics[f"{key}_peak_bytes"] = max(self.stage_metrics.get(f"{key}_peak_bytes", 0), peak)
 
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with every call inside ``stage(name)``: for callbacks, e.g. ``run_blocks``'s per-block fit."""
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return fn(*args, **kwargs)
+
+        return run
+
     # -- the task's data: the only door methods use (``Task.DATA_KINDS``) ---------------------------------------
     def provides(self, kind: str) -> bool:
         """Whether the task supplies the data kind ``kind`` (e.g. ``stratified_batches``)."""

@@ -15,8 +15,8 @@ Projection to LLaMA-7B (hidden 4096, MLP 11008, 32 layers, 256 x 2048 calibratio
 law gives the stage's time on this machine at that shape, and the ratio of the H100's rate to this machine's
 rate for the stage's dominant primitive converts it: matmul (calibration forward, statistics, refit, colouring)
 bf16 784 TFLOP/s; eigh / Cholesky (eigen) fp32, 0.097 s at 4096^2; SVD (fitting) fp32, 1.15 s for 4096 x 16384.
-This machine's rates are measured at small sizes and scaled by n^3 (eigh) and m^2 n (SVD, m <= n). Time in no named stage
-(``other``) is converted with the least favourable ratio. The projection inherits the fit's error and the
+This machine's rates are measured at small sizes and scaled by n^3 (eigh) and m^2 n (SVD, m <= n). Time in no
+named stage (``other``) is converted with the least favourable ratio. The projection inherits the fit's error and the
 assumption that a stage is bound by its primitive; BENCHMARKS.md lists the caveats.
 """
 from __future__ import annotations

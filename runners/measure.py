@@ -212,9 +212,9 @@ def greedy_static_decode(model: nn.Module, prompt: torch.Tensor, n_steps: int, s
 def decode_latency(model: nn.Module, prompt: torch.Tensor, n_tokens: int, mode: str = "eager",
                    warmup: int = 3, noisy_rel_iqr: float = 0.1) -> dict[str, Any]:
     """``decode_ms_per_token`` (median) and ``decode_iqr_ms`` over ``n_tokens`` timed steps of
-    ``greedy_static_decode`` after ``warmup`` untimed ones; ``decode_noisy``: IQR / median above ``noisy_rel_iqr``. ``mode="graph"`` compiles the step with
-    ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs); compilation and capture happen in the
-    warm-up steps."""
+    ``greedy_static_decode`` after ``warmup`` untimed ones; ``decode_noisy``: IQR / median above
+    ``noisy_rel_iqr``. ``mode="graph"`` compiles the step with ``torch.compile(mode="reduce-overhead",
+    fullgraph=True)`` (CUDA graphs); compilation and capture happen in the warm-up steps."""
     if mode not in ("eager", "graph"):
         raise ValueError(f"decode mode {mode!r}; valid: eager, graph")
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if mode == "graph" else None

@@ -41,7 +41,7 @@ from runners.checkpoint import load_compressed, save_compressed
 from runners.loggers import create_logger
 from runners.plan import CONF_DIR, Plan, plan
 from runners.preflight import preflight
-from runners.record import METRICS_JSON, RunRecord, make_run_id, record_problem, run_status
+from runners.record import METRICS_JSON, RUN_JSON, RunRecord, make_run_id, record_problem, run_status
 from tasks.adapters import create_adapter
 
 log = logging.getLogger("compbench")
@@ -154,6 +154,10 @@ def _remeasure(p: Plan, cfg: DictConfig, overrides: list[str], chosen: dict[str,
     metrics.update(_measure(p, model, create_adapter(model), scope_paths, dense_counts, chosen))
     _check_finite(metrics, "metrics")
     write_json_atomic(p.run_dir / METRICS_JSON, metrics)
+    record = read_json(p.run_dir / RUN_JSON)
+    record.setdefault("remeasured", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": "model.safetensors",
+                                                "measure_hash": metrics["protocol/measure_hash"]})
+    write_json_atomic(p.run_dir / RUN_JSON, record)
     return "remeasured"
 
 

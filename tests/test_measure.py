@@ -163,7 +163,9 @@ def test_changed_measure_settings_remeasure_a_saved_model_without_recompressing(
     # quality, accounting and the compression record are those of the first (only) compression
     for key in ("mse/toy", "params_stored", "scope/removed_fraction", "compress_s", "compress/save_s", "flops"):
         assert second[key] == first[key], key
-    assert read_json(run_dir / "run.json")["attempt"] == 1
+    record = read_json(run_dir / "run.json")
+    assert record["attempt"] == 1 and record["status"] == "done"
+    assert record["remeasured"][0]["measure_hash"] == second["protocol/measure_hash"]
     assert execute(toy_cfg(*base, "measure.min_repeats=12", "measure.paired_dense=false"), []) == "skipped"
 
 
