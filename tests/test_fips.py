@@ -302,6 +302,32 @@ def fake_training(fs, sparsifier, steps, seed=0):
     return seen
 
 
+def test_train_steps_skips_the_update_of_a_step_without_backward_and_refuses_a_non_finite_loss():
+    """GFM's converged steps run no backward: parameters and the cosine schedule stay where they are."""
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def step(t):
+        loss = ((w - 2.0) ** 2).sum()
+        if t != 2:
+            loss.backward()
+        return float(loss.detach())
+
+    hist = train_steps([w], None, 3, step, lr=0.1, lr_min=0.0, weight_decay=0.0)
+    ref = torch.nn.Parameter(torch.ones(3))
+
+    def ref_step(t):  # the same two updates, the skipped step last
+        loss = ((ref - 2.0) ** 2).sum()
+        if t != 3:
+            loss.backward()
+        return float(loss.detach())
+
+    ref_hist = train_steps([ref], None, 3, ref_step, lr=0.1, lr_min=0.0, weight_decay=0.0)
+    assert hist[0] > hist[1] == hist[2] and hist[:2] == ref_hist[:2]
+    torch.testing.assert_close(w.detach(), ref.detach())  # second update at the schedule's second lr, not its third
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train_steps([w], None, 2, lambda t: float("nan"), lr=0.1, lr_min=0.0, weight_decay=0.0)
+
+
 def test_rigl_keeps_the_sparsity_exact_and_constant_while_moving_the_mask():
     fs = factors()
     rigl = RigL(fs, 0.75, steps=20, drop_fraction=0.3, update_every=2, end=0.75)
