@@ -8,7 +8,8 @@ protocols on the validation shard SparseGPT (arXiv 2301.00774) chose, ``en/c4-va
 SVD-LLM and Basis Sharing read as ``c4-validation.json``):
 
 - ``c4``: the published LLaMA tables of SVD-LLM (arXiv 2403.07378, ``get_test_data``) and Basis Sharing (arXiv
-  2410.03765, ``prep_c4``): the first 2000 documents joined with "\\n\\n", every window;
+  2410.03765, ``prep_c4``): the first 2000 documents joined with "\\n\\n", every window (Basis Sharing's
+  ``compute_ppl`` also scores the last, shorter window, which ``ppl_concat`` drops as SVD-LLM does);
 - ``c4_sparsegpt``: SparseGPT's ``get_c4``: the first 1100 documents joined with " ", the first 256 windows.
 
 Both calibrate on ``en/c4-train.00000-of-01024``. Local text files are read with ``read_text_file``.
