@@ -53,7 +53,6 @@ SENSITIVITIES = ("output", "energy")
 
 @dataclass
 class AAFMConfig(MethodConfig):
-    name: str = "aafm"
     allocation: str = "adaptive"  # adaptive (AAFM) | uniform (AFM: the same fraction of every layer)
     sensitivity: str = "output"  # output (model output change per candidate) | energy (eigenvalue tail)
     rank_grid: int = 8  # candidate ranks per layer for the sensitivity
@@ -81,7 +80,6 @@ class AAFMConfig(MethodConfig):
 
 @dataclass
 class GFMConfig(AAFMConfig):
-    name: str = "gfm"
     epochs: int = 10  # passes of GFM over the calibration batches
     lr: float = 1e-4
     lr_min: float = 0.0
@@ -293,7 +291,6 @@ def allocate(options: dict[str, list[tuple[int | None, int, float]]], budget: in
 @METHODS.register("aafm")
 class AAFM(Method):
     config_class = AAFMConfig
-    needs_calibration = True
     cfg: AAFMConfig
 
     def check(self, adapter) -> None:

@@ -43,7 +43,6 @@ DEFAULT_KIND = "default"
 
 @dataclass
 class BasisSharingConfig(LowRankConfig):
-    name: str = "basis_sharing"
     group_size: int = 2  # layers per sharing class
     # roles whose basis is shared, per model type (transformers' config.model_type); other types use "default"
     shared: dict[str, list[str]] = field(default_factory=lambda: {
@@ -191,7 +190,6 @@ def shared_roles_for(adapter: ModelAdapter, table: dict[str, list[str]], key: st
 @METHODS.register("basis_sharing")
 class BasisSharing(Method):
     config_class = BasisSharingConfig
-    needs_calibration = True
     cfg: BasisSharingConfig
 
     def shared_roles(self, adapter: ModelAdapter) -> list[str]:

@@ -8,7 +8,7 @@ from methods.base import METHODS, CompressContext, Method, MethodConfig
 
 @dataclass
 class DenseConfig(MethodConfig):
-    name: str = "dense"
+    """No fields beyond MethodConfig's (each method has its own config class: it carries the name)."""
 
 
 @METHODS.register("dense")

@@ -79,7 +79,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class FiPSConfig(MethodConfig):
-    name: str = "fips"
     scope: str = "mlp"  # FiPS compresses the MLPs only
     sparsity: float = 0.75  # of every V (U stays dense)
     group_size: int | None = None  # blocks per group; null: 4, or 6 within a stage for Swin
@@ -169,7 +168,6 @@ class FiPSConfig(MethodConfig):
 @METHODS.register("fips")
 class FiPS(Method):
     config_class = FiPSConfig
-    needs_calibration = True
     cfg: FiPSConfig
 
     def objective(self, adapter: ModelAdapter) -> str:

@@ -115,7 +115,6 @@ FORMS = ("one_sided", "two_sided")
 
 @dataclass
 class GeoSharingConfig(LowRankConfig):
-    name: str = "geo_sharing"
     # roles coloured into sharing classes, by model kind (transformers' model_type; "vit" / "swin" for timm);
     # other kinds use "default"; every other role of the scope is private (one class per layer)
     share_types: dict[str, list[str]] = field(default_factory=lambda: {
@@ -493,7 +492,6 @@ class _Statistics:
 @METHODS.register("geo_sharing")
 class GeoSharing(Method):
     config_class = GeoSharingConfig
-    needs_calibration = True
     cfg: GeoSharingConfig
 
     # -- structure ---------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from methods.hashing import HashedSharing, HashingConfig
 
 @dataclass
 class HashedNetConfig(HashingConfig):
-    name: str = "hashednet"
     mapping: str = "hashednet"
     gamma: str = "none"
 

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LtrConfig(MethodConfig):
-    name: str = "ltr"
     prune_fraction: float = 0.2  # of the remaining weights, per level (OpenLTH: 0.2)
     rewind_epoch: int = 1  # epochs of the dense run whose weights the survivors rewind to (0: the init, i.e. IMP)
 

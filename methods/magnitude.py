@@ -12,7 +12,7 @@ from methods.modules import masked_from_dense
 
 @dataclass
 class MagnitudeConfig(MethodConfig):
-    name: str = "magnitude"
+    """No fields beyond MethodConfig's."""
 
 
 def kept_count(n: int, ratio: float) -> int:

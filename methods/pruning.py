@@ -184,7 +184,7 @@ class PruneAtInit(Method):
 
 @dataclass
 class MagConfig(PruneAtInitConfig):
-    name: str = "mag"
+    """No fields beyond PruneAtInitConfig's."""
 
 
 @METHODS.register("mag")
@@ -199,7 +199,7 @@ class Mag(PruneAtInit):
 
 @dataclass
 class RandomConfig(PruneAtInitConfig):
-    name: str = "random"
+    """No fields beyond PruneAtInitConfig's."""
 
 
 @METHODS.register("random")
@@ -214,7 +214,7 @@ class Random(PruneAtInit):
 
 @dataclass
 class SnipConfig(PruneAtInitConfig):
-    name: str = "snip"
+    """No fields beyond PruneAtInitConfig's."""
 
 
 @METHODS.register("snip")
@@ -230,7 +230,6 @@ class Snip(PruneAtInit):
 
 @dataclass
 class GraspConfig(PruneAtInitConfig):
-    name: str = "grasp"
     temperature: float = 200.0  # logits are divided by it (Synaptic-Flow: 200)
 
     def __post_init__(self) -> None:
@@ -253,7 +252,6 @@ class Grasp(PruneAtInit):
 
 @dataclass
 class SynflowConfig(PruneAtInitConfig):
-    name: str = "synflow"
     iterations: int = 100
     double: bool = True  # score in float64 (deep or wide nets overflow or underflow in float32)
 

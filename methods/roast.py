@@ -13,7 +13,6 @@ from methods.hashing import HashedSharing, HashingConfig
 
 @dataclass
 class RoastConfig(HashingConfig):
-    name: str = "roast"
     mapping: str = "roast"
     gamma: str = "none"
 

@@ -12,7 +12,6 @@ from methods.hashing import HashedSharing, HashingConfig
 
 @dataclass
 class StableRPSConfig(HashingConfig):
-    name: str = "stable_rps"
     mapping: str = "randomfold"
     gamma: str = "v1"
 

@@ -35,8 +35,7 @@ class LowRankConfig(MethodConfig):
 
 @dataclass
 class SVDConfig(LowRankConfig):
-    name: str = "svd"
-    scope: str = "linear"
+    """No fields beyond LowRankConfig's."""
 
 
 def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:

@@ -43,7 +43,6 @@ DAMPING = 1e-6  # relative to the mean eigenvalue, added above -lambda_min when 
 
 @dataclass
 class SVDLLMConfig(LowRankConfig):
-    name: str = "svd_llm"
     update: bool = False  # SVD-LLM's parameter update: refit U on the compressed model's inputs (module docstring)
 
 
@@ -110,7 +109,6 @@ def whitened_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tenso
 @METHODS.register("svd_llm")
 class SVDLLM(Method):
     config_class = SVDLLMConfig
-    needs_calibration = True
 
     def check(self, adapter) -> None:
         super().check(adapter)

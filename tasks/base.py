@@ -13,7 +13,7 @@ from torch import nn
 from core.errors import ConfigError
 from core.registry import Registry
 
-TASKS: Registry["Task"] = Registry("task family")
+TASKS: Registry["Task"] = Registry("task family", config_key="family")
 
 
 @dataclass

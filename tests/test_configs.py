@@ -1,11 +1,15 @@
-"""Every yaml in conf/ composes, validates and plans (no model is built)."""
+"""Every yaml in conf/ composes, validates and plans (no model is built); method yamls agree with their schema."""
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError, MissingPathError
+from core.registry import Registry
 from methods import METHODS as METHODS_REGISTRY
 from runners.preflight import sweep_points
 from runners.run import plan
@@ -88,3 +92,77 @@ def test_experiment_values_override_the_base_config(compose_cfg):
     cfg = compose_cfg("experiment=demo")
     assert cfg.experiment_name == "demo" and cfg.out_dir == "results/demo"
     assert compose_cfg("experiment=demo", "out_dir=elsewhere").out_dir == "elsewhere"
+
+
+def schema_of(path: Path, registry: Registry) -> DictConfig:
+    """The structured config a conf/<group>/*.yaml composes onto (its ``/schema/<group>/<key>@_here_`` default)."""
+    (key,) = re.findall(r"^\s*- /schema/\w+/(\w+)@_here_", path.read_text(), flags=re.M)
+    return OmegaConf.structured(registry.get(key).config_class)
+
+
+def restated_differently(stated: DictConfig, schema: DictConfig, where: str) -> list[str]:
+    """Paths of ``stated`` (nested dicts walked) whose value differs from the schema's default there."""
+    out = []
+    for key, value in stated.items():
+        path = f"{where}.{key}"
+        if key == "defaults":
+            continue
+        if key not in schema or OmegaConf.is_missing(schema, key):
+            out.append(f"{path}={value} (the dataclass has no default)")
+        elif isinstance(value, DictConfig) and isinstance(schema[key], DictConfig):
+            out += restated_differently(value, schema[key], path)
+        else:
+            ours = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            default = OmegaConf.to_container(schema[key]) if OmegaConf.is_config(schema[key]) else schema[key]
+            if ours != default:
+                out.append(f"{path}: yaml {ours!r}, dataclass {default!r}")
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_yaml_restates_its_dataclass_defaults(method):
+    """A method yaml documents its defaults: every value it states is the config dataclass's default (change both
+    together). Task yamls are named instances whose values override their family's defaults, so they are not."""
+    path = CONF / "method" / f"{method}.yaml"
+    assert restated_differently(OmegaConf.load(path), schema_of(path, METHODS_REGISTRY), "method") == []
+
+
+def test_a_restated_default_with_another_value_is_found(tmp_path):
+    path = tmp_path / "svd.yaml"
+    path.write_text("defaults:\n  - /schema/method/geo_sharing@_here_\nscope: mlp\nshare_types:\n  default: [q]\n")
+    found = restated_differently(OmegaConf.load(path), schema_of(path, METHODS_REGISTRY), "method")
+    assert [f.split(":")[0] for f in found] == ["method.scope", "method.share_types.default"]
+
+
+@pytest.mark.parametrize("group,registry", [("method", METHODS_REGISTRY), ("task", TASKS_REGISTRY)])
+def test_registered_names_are_written_once(group, registry):
+    """``@METHODS.register("svd")`` / ``@TASKS.register("hf_lm")`` is the only spelling: the yamls leave
+    ``method.name`` / ``task.family`` to the schema, whose default the registry sets."""
+    for path in sorted((CONF / group).glob("*.yaml")):
+        assert registry.config_key not in OmegaConf.load(path), path.name
+        assert getattr(schema_of(path, registry), registry.config_key) in registry
+
+
+def test_registering_sets_the_config_default_and_refuses_a_shared_config_class():
+    @dataclasses.dataclass
+    class Cfg:
+        name: str = "???"
+        size: int = 1
+
+    registry = Registry("thing", config_key="name")
+
+    @registry.register("first")
+    class First:
+        config_class = Cfg
+
+    assert Cfg().name == "first" and Cfg(size=2).name == "first" and First.name == "first"
+    assert OmegaConf.structured(Cfg).name == "first"
+    with pytest.raises(KeyError, match="shares its config class"):
+        @registry.register("second")
+        class Second:
+            config_class = Cfg
+
+
+def test_composition_supplies_the_registered_names(compose_cfg):
+    cfg = compose_cfg("task=llama_7b", "method=geo_sharing")
+    assert (cfg.method.name, cfg.task.family, cfg.task.name) == ("geo_sharing", "hf_lm", "llama_7b")
