@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import methods
 import tasks
 from core.compressed import CompressedModule
 from core.errors import ConfigError
-from core.io import read_json, write_json_atomic
+from core.io import read_json, umask, write_json_atomic
 from runners.checkpoint import load_compressed
 from runners.plan import Plan, plan
 from runners.record import METRICS_JSON, RUN_JSON
@@ -47,10 +49,12 @@ def read_source(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     if (path / RUN_JSON).is_file():
         record, metrics, fmt = read_json(path / RUN_JSON), read_json(path / METRICS_JSON) or {}, "run"
     elif (path / EXPORT_JSON).is_file():
-        export = read_json(path / EXPORT_JSON)
-        record, metrics, fmt = export["run"], export["metrics"], export["format"]
+        export = read_json(path / EXPORT_JSON) or {}
+        record, metrics, fmt = export.get("run"), export.get("metrics", {}), export.get("format")
     else:
         raise ConfigError(f"{path}: neither a run folder ({RUN_JSON}) nor an exported model ({EXPORT_JSON})")
+    if not isinstance(record, dict) or "config" not in record:
+        raise ConfigError(f"{path}: its run record is unreadable")
     if record.get("status") != "done":
         raise ConfigError(f"{path}: run status is {record.get('status')!r}, not done")
     if fmt != "hf" and not (path / MODEL_FILE).is_file():
@@ -82,7 +86,11 @@ def load_model(source: Path, overrides: list[str] = ()) -> tuple[Plan, nn.Module
     source = Path(source)
     record, metrics, fmt = read_source(source)
     lm_folder = fmt == "hf" and record["config"]["task"]["family"] == "hf_lm"
-    p = plan(run_config(record, [f"task.model={source.resolve()}", *overrides] if lm_folder else overrides))
+    # where the source lies now (a run folder's out_dir may have moved, an export may be on another machine)
+    fixed = [f"out_dir={source.resolve().parents[1] if fmt == 'run' else source.resolve()}"]
+    if lm_folder:
+        fixed.append(f"task.model={source.resolve()}")
+    p = plan(run_config(record, [*fixed, *overrides]))
     if lm_folder:
         return p, p.task.build_model(p.run.seed).eval(), record, metrics
     model = p.task.fresh_model(p.run.seed) if p.task.supports_training() else p.task.build_model(p.run.seed)
@@ -143,10 +151,13 @@ def model_card(record: dict[str, Any], metrics: dict[str, Any], fmt: str, module
                how_to_load: str) -> str:
     """The export's README.md: what the model is, how it was compressed and measured, what the files hold."""
     s = record.get("summary", {})
-    quality = {k: v for k, v in metrics.items() if "/" in k and not k.startswith(("protocol/", "dense/", "scope/"))}
+    other = ("protocol/", "dense/", "scope/", "compress/", "method/", "speedup/")
+    quality = {k: (v, metrics.get(f"dense/{k}", "")) for k, v in metrics.items()
+               if "/" in k and not k.startswith(other)}
     protocol = {k: v for k, v in metrics.items() if k.startswith("protocol/")}
-    counts = {k: metrics.get(k) for k in ("params_dense", "params_stored", "removed_fraction", "compression_x",
-                                          "scope/removed_fraction", "bytes_on_disk") if k in metrics}
+    sizes = {k: metrics[k] for k in ("params_dense", "params_stored", "removed_fraction", "compression_x",
+                                     "scope/removed_fraction", "index_overhead", "bytes_on_disk", "weight_bytes",
+                                     "latency_ms", "throughput", "decode_ms_per_token") if k in metrics}
     stored = ", ".join(f"{n} x {c}" for c, n in sorted(modules.items())) or "none (dense)"
     if fmt == "hf":
         storage = (f"Every compressed layer ({stored}) is materialised here as the dense nn.Linear / nn.Conv2d it "
@@ -178,12 +189,17 @@ Method config: `{json.dumps(record['config']['method'], sort_keys=True)}`.
 
 {storage}
 
-## Metrics (of the run)
+## Quality (of the run)
+
+| metric | compressed | dense |
+|---|---|---|
+{chr(10).join(f"| `{k}` | {v} | {d} |" for k, (v, d) in quality.items())}
+
+## Size and efficiency (of the run, on its device)
 
 | metric | value |
 |---|---|
-{table(quality)}
-{table(counts)}
+{table(sizes)}
 
 ## Protocol
 
@@ -208,8 +224,9 @@ def _how_to_load(family: str, fmt: str) -> str:
 
 
 def export(source: Path, folder: Path, fmt: str = "hf") -> dict[str, Any]:
-    """Write the model of run folder ``source`` to ``folder`` (created; must not exist or be empty) in ``fmt``;
-    returns the ``compbench.json`` written."""
+    """Write the model of run folder ``source`` to ``folder`` (new or empty; written in a temporary folder beside
+    it and renamed, so an interrupted export leaves nothing half-written) in ``fmt``; returns the ``compbench.json``
+    written."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}; valid: {', '.join(FORMATS)}")
     source, folder = Path(source), Path(folder)
@@ -221,17 +238,27 @@ def export(source: Path, folder: Path, fmt: str = "hf") -> dict[str, Any]:
     family = record["config"]["task"]["family"]
     p, model, _, _ = load_model(source)  # a compact checkpoint is copied only once it is proven to rebuild
     modules = _stored_summary(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    materialised: dict[str, str] = {}
-    if fmt == "compact":
-        shutil.copyfile(source / MODEL_FILE, folder / MODEL_FILE)
-    else:
-        materialised = materialise(model)
-        _write_dense(p, model, folder)
-    out = {"format": fmt, "family": family, "run": record, "metrics": metrics, "materialised": materialised,
-           "compressed_modules": modules}
-    write_json_atomic(folder / EXPORT_JSON, out)
-    (folder / "README.md").write_text(model_card(record, metrics, fmt, modules, _how_to_load(family, fmt)))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # renamed to ``folder`` when complete
+    try:
+        materialised: dict[str, str] = {}
+        if fmt == "compact":
+            shutil.copyfile(source / MODEL_FILE, tmp / MODEL_FILE)
+        else:
+            materialised = materialise(model)
+            _write_dense(p, model, tmp)
+        out = {"format": fmt, "family": family, "run": record, "metrics": metrics, "materialised": materialised,
+               "compressed_modules": modules}
+        write_json_atomic(tmp / EXPORT_JSON, out)
+        (tmp / "README.md").write_text(model_card(record, metrics, fmt, modules, _how_to_load(family, fmt)))
+        for f in [tmp, *tmp.iterdir()]:  # the modes a plain mkdir / open gives, not the temporary ones (0o700/0o600)
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask())
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
