@@ -184,7 +184,7 @@ def test_eval_adds_a_perplexity_set_to_the_run_and_to_an_export(lm_run, tmp_path
     after = read_json(run_dir / METRICS_JSON)
     assert {k: after[k] for k in before} == before
     assert after["ppl/extra"] > 1 and after["protocol/ppl/extra/dataset"].startswith("file extra.txt")
-    (entry,) = read_json(run_dir / "run.json")["reevaluations"]
+    entry = read_json(run_dir / "run.json")["reevaluations"][-1]
     assert "ppl/extra" in entry["metrics"] and entry["overrides"] == [f"+task.eval.text_files.extra={text}"]
     assert collect_runs(cfg.out_dir).set_index("run_id").loc[run_dir.name, "ppl/extra"] == after["ppl/extra"]
     folder = tmp_path / "hf"
@@ -230,3 +230,22 @@ def test_hf_export_of_a_timm_model_loads_with_plain_timm(task_cfg, tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["project_modules"] == []
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "x.pt.out"), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_adds_zero_shot_accuracy_through_lm_eval(lm_run, tmp_path, monkeypatch):
+    import datasets
+
+    from runners import eval as reeval
+    from tests.test_zeroshot import local_task
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    local_task(tmp_path)
+    _, run_dir = lm_run
+    assert reeval.main([str(run_dir), "task.zeroshot.tasks=[tiny_mc]", f"task.zeroshot.include_path={tmp_path}",
+                        "task.zeroshot.include_defaults=false", "task.zeroshot.batch_size=4"]) == 0
+    metrics = read_json(run_dir / METRICS_JSON)
+    assert 0 <= metrics["zeroshot/tiny_mc/acc"] <= 1 and metrics["protocol/zeroshot/tiny_mc/n"] == 10
+    assert metrics["protocol/zeroshot/lm_eval"].startswith("0.4")
