@@ -1,108 +1,105 @@
-"""Curvature tools for curvature-aware sharing (Geo-Sharing, arXiv 2511.06786): top eigenpairs of a symmetric
-operator by Lanczos or LOBPCG, Hessian-vector products of a loss w.r.t. one weight matrix, high-curvature energy
-of a perturbation, and the trust-region clip of its low-curvature part.
+"""Loss curvature of linear layers for curvature-aware sharing (Geo-Sharing, arXiv 2511.06786): the two-sided
+K-FAC metric, its Levenberg-Marquardt damping, shared-basis fits under it and the loss increase it predicts.
 
-Conventions: a linear layer's weight W is (d_out, d_in). With the layer-wise Gauss-Newton proxy
-H ~ (X^T X) (x) I, curvature directions live in input space: ``u`` are (d_in, t) orthonormal columns and a
-perturbation delta (d_out, d_in) has high-curvature energy sum_i lambda_i ||delta u_i||^2.
+Conventions: a linear layer's weight W is (d_out, d_in). K-FAC ("Optimizing Neural Networks with
+Kronecker-factored Approximate Curvature", arXiv 1503.05671) approximates the Fisher / Gauss-Newton block of W by
+G (x) A, with A = E[x x^T] over the layer's input rows and G = E[g g^T] over the gradients g of the loss terms
+with respect to the layer's output rows, so a perturbation D of W raises the loss by about
+1/2 vec(D)^T (G (x) A) vec(D) = 1/2 tr(G D A D^T). Here A is a ``Gram`` of input rows and G a ``Gram`` of
+output-gradient rows (both summed, with their row counts); "mean" below is the sum over the row count.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-MatVec = Callable[[torch.Tensor], torch.Tensor]
+from core.errors import ConfigError
+from methods.calibration import Gram, forward_batch
+from methods.svd_llm import whitened_basis
 
-
-def lanczos_topk(matvec: MatVec, dim: int, k: int, iters: int | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest ``k`` eigenpairs of a symmetric operator of size ``dim`` (Lanczos with full reorthogonalisation).
-
-    ``matvec(v)`` maps a (dim,) vector to (dim,). Returns eigenvalues (k,) in descending order and orthonormal
-    eigenvectors (dim, k). ``iters`` Krylov steps (default min(dim, 2k + 20)); exact when iters == dim.
-    """
-    if not 0 < k <= dim:
-        raise ValueError(f"k={k} must be in [1, dim={dim}]")
-    m = min(dim, iters or 2 * k + 20)
-    m = max(m, k)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(dim, generator=gen, dtype=dtype).to(device)
-    q /= q.norm()
-    basis = torch.zeros(dim, m, dtype=dtype, device=device)
-    alpha = torch.zeros(m, dtype=dtype)
-    beta = torch.zeros(max(m - 1, 0), dtype=dtype)
-    steps = m
-    for j in range(m):
-        basis[:, j] = q
-        w = matvec(q).to(dtype)
-        alpha[j] = torch.dot(w, q).cpu()
-        # full reorthogonalisation (twice is enough) keeps the Krylov basis orthonormal in finite precision
-        for _ in range(2):
-            w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
-        if j == m - 1:
-            break
-        b = w.norm()
-        if b < 1e-12 * max(1.0, float(alpha[: j + 1].abs().max())):
-            steps = j + 1  # invariant subspace found: the spectrum restricted to it is exact
-            break
-        beta[j] = b.cpu()
-        q = w / b
-    t = torch.diag(alpha[:steps]) + torch.diag(beta[: steps - 1], 1) + torch.diag(beta[: steps - 1], -1)
-    evals, evecs = torch.linalg.eigh(t)
-    order = torch.argsort(evals, descending=True)[:k]
-    ritz = basis[:, :steps] @ evecs[:, order].to(device)
-    return evals[order].to(device), ritz
+LossSum = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def top_eigenpairs(gram: torch.Tensor, k: int, solver: str = "lanczos", seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest ``k`` eigenpairs of a symmetric PSD matrix (e.g. X^T X), by ``lanczos``, ``lobpcg`` or ``eigh``."""
-    n = gram.shape[0]
-    k = min(k, n)
-    g = gram.double()
-    if solver == "eigh" or k * 3 >= n:  # LOBPCG needs n >= 3k; small problems are cheapest exactly
-        evals, evecs = torch.linalg.eigh(g)
-        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
-    if solver == "lanczos":
-        return lanczos_topk(lambda v: g @ v, n, k, iters=min(n, 2 * k + 40), seed=seed, device=g.device)
-    if solver == "lobpcg":
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x0 = torch.randn(n, k, generator=gen, dtype=torch.float64).to(g.device)
-        evals, evecs = torch.lobpcg(g, k=k, X=x0, largest=True, tol=1e-8, niter=200)
-        return evals, evecs
-    raise ValueError(f"unknown eigensolver {solver!r}; valid: lanczos, lobpcg, eigh")
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy of a token window ``{"input_ids": (b, s)}`` (b (s - 1) loss terms)."""
+    if not (isinstance(batch, dict) and "input_ids" in batch):
+        raise ConfigError("the loss curvature needs labelled calibration batches (image tasks) or token windows "
+                          "({'input_ids': ...}, language models)")
+    ids = batch["input_ids"]
+    logits = forward_batch(model, batch).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
 
 
-def weight_hvp(loss_fn: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> MatVec:
-    """Hessian-vector product of ``loss_fn(weight)`` w.r.t. ``weight``, on flattened vectors (numel,)."""
-    w = weight.detach().requires_grad_(True)
-
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(w)
-        (grad,) = torch.autograd.grad(loss, w, create_graph=True)
-        (hv,) = torch.autograd.grad(grad, w, grad_outputs=v.view_as(w).to(grad.dtype))
-        return hv.reshape(-1).detach()
-
-    return matvec
+def labelled_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of an (inputs, labels) batch."""
+    x, y = batch
+    return F.cross_entropy(forward_batch(model, x).float(), y, reduction="sum")
 
 
-def high_curvature_energy(delta: torch.Tensor, u: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_i lam_i ||delta u_i||^2 (or the unweighted ||delta U||_F^2 when ``lam`` is None).
+def output_gradient_grams(model: nn.Module, paths: Sequence[str], batches: Iterable[Any], loss_sum: LossSum,
+                          store: torch.device | str = "cpu") -> dict[str, Gram]:
+    """G of every linear in ``paths``: the sum over batches and output rows of g g^T, g the gradient of the batch's
+    summed loss (``loss_sum``) w.r.t. that output row (one forward and backward of ``model`` per batch; no
+    parameter gradient is formed). ``tokens`` counts the rows; float64, kept on ``store``."""
+    modules = [model.get_submodule(p) for p in paths]
+    grams = {p: Gram.zeros(m.out_features, store) for p, m in zip(paths, modules)}
+    outputs: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in modules]
+    weights = [m.weight for m in modules]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)  # so the outputs are in the graph; only their gradients are computed
+        with torch.enable_grad():
+            for batch in batches:
+                outputs.clear()
+                loss = loss_sum(model, batch)
+                grads = torch.autograd.grad(loss, outputs)
+                for p, g in zip(paths, grads):
+                    grams[p].add(g)
+    finally:
+        for h in handles:
+            h.remove()
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return grams
 
-    ``delta`` (d_out, d_in), ``u`` (d_in, t) orthonormal, ``lam`` (t,).
-    """
-    proj = delta.double() @ u.double()
-    if lam is None:
-        return proj.pow(2).sum()
-    return (proj.pow(2) * lam.double().clamp_min(0)).sum()
+
+def damped_output_factor(g: torch.Tensor, beta: float) -> torch.Tensor:
+    """Lower-triangular R (float64) with R R^T = G + (mean eigenvalue of G / beta) I: Levenberg-Marquardt damping
+    of the output curvature ``g`` (d_out, d_out; a mean over rows). beta = inf: G itself (plus 1e-10 of its mean
+    eigenvalue, so a rank-deficient G factorises); beta = 0: the curvature-blind sqrt(mean eigenvalue) I."""
+    g = g.to(torch.float64)
+    scale = float(g.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    if beta == 0:
+        return scale ** 0.5 * eye
+    return torch.linalg.cholesky(g + scale * (1.0 / beta + 1e-10) * eye)
 
 
-def clip_low_curvature(delta: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
-    """The low-curvature part delta (I - U U^T), scaled down to Frobenius norm ``tau`` when it is longer."""
-    low = delta.double() - (delta.double() @ u.double()) @ u.double().T
-    norm = float(low.norm())
-    if norm > tau:
-        low = low * (tau / norm)
-    return low.to(delta.dtype)
+def metric_basis(weights: Sequence[torch.Tensor], chol: torch.Tensor, out_factors: Sequence[torch.Tensor] | None,
+                 rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One rank-``rank`` basis for several weights under the metric sum_i ||R_i^T (W_i - C_i B) L||_F^2.
+
+    ``weights`` W_i (out_i, d_in); ``chol`` L with L L^T = the class's pooled X^T X; ``out_factors`` R_i (out_i,
+    out_i) lower-triangular (``damped_output_factor``), or None for R_i = I: Basis Sharing's whitened fit
+    (``whitened_basis``) exactly. With L^T [W_1^T R_1 | ... ] = U S V^T: basis B = (L^{-T} U_k S_k)^T (rank, d_in),
+    C_i = R_i^{-T} V_i (V_i the block of V_k for W_i), the minimiser of the metric over shared bases. Float64 on
+    ``chol``'s device."""
+    if out_factors is None:
+        return whitened_basis(weights, chol, rank)
+    dev = chol.device
+    factors = [r.to(dev, torch.float64) for r in out_factors]
+    scaled = [(f.T @ w.detach().to(dev, torch.float64)) for w, f in zip(weights, factors)]  # R_i^T W_i
+    basis, blocks = whitened_basis(scaled, chol, rank)
+    return basis, [torch.linalg.solve_triangular(f.T, c, upper=True) for f, c in zip(factors, blocks)]
+
+
+def predicted_increase(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> float:
+    """1/2 tr(G D A D^T): the K-FAC second-order loss increase of perturbing W by ``delta`` (d_out, d_in), for the
+    mean input and output-gradient Grams ``a`` (d_in, d_in) and ``g`` (d_out, d_out)."""
+    d = delta.to(a.device, torch.float64)
+    return 0.5 * float(torch.einsum("oi,ij,pj,op->", d, a.double(), d, g.to(a.device, torch.float64)))

@@ -1,6 +1,6 @@
-"""Geo-Sharing: the budget rule, the curvature colouring (non-adjacent classes), the trust-region refit, the hvp
-curvature, exact parameter counts, save -> load, and runs through the run loop, on tiny random LLaMA / ViT / Swin
-models and the tiny embedded demo tasks."""
+"""Geo-Sharing: the loss-metric fit and its damping limits, the curvature-profile colouring (dendrogram, the cut
+that minimises the predicted loss, non-adjacent classes), exact parameter counts, Basis Sharing as a special case,
+save -> load, and runs through the run loop, on tiny random LLaMA / ViT / Swin models and the tiny demo tasks."""
 from __future__ import annotations
 
 import math
@@ -9,28 +9,20 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import methods.geo_sharing as geo
 from core.errors import ConfigError
 from core.io import read_json
 from methods import CompressContext, create_method
-from methods.basis_sharing import BasisSharingConfig, consecutive_groups
-from methods.calibration import Gram
-from methods.curvature import top_eigenpairs
+from methods.basis_sharing import BasisSharingConfig, basis_rank, consecutive_groups
 from methods.geo_sharing import (
-    ClassScorer,
-    Curvature,
+    Dendrogram,
     GeoSharingConfig,
     class_params,
-    colour_component,
     contiguous_classes,
-    hvp_curvature,
-    lm_loss,
     num_classes_for,
-    trust_region_target,
+    profile_similarity,
     two_sided_rank,
-    weight_loss,
 )
 from methods.modules import SharedBasisLinear, TwoSidedSharedLinear
 from runners import accounting
@@ -49,20 +41,26 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Ctx(CompressContext):
-    """Fixed random calibration: 4 batches of 2 x 24 tokens, or of 8 images when ``images`` is set."""
+    """Fixed random calibration: 4 batches of 2 x 24 tokens, or of 8 images (with labels of 5 classes) when
+    ``images`` is set."""
 
     images: tuple[int, ...] | None = None
 
     def provides(self, kind):
-        return kind == "calibration_batches"
+        return kind == "calibration_batches" or (kind == "labelled_calibration_batches" and self.images is not None)
 
-    def calibration_batches(self):
+    def labelled_calibration_batches(self):
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(4):
-            if self.images is not None:
-                yield torch.randn(8, *self.images, generator=gen)
-            else:
-                yield {"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}
+            yield torch.randn(8, *self.images, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+
+    def calibration_batches(self):
+        if self.images is not None:
+            yield from (x for x, _ in self.labelled_calibration_batches())
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(4):
+            yield {"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}
 
 
 def ctx(images=None) -> Ctx:
@@ -97,11 +95,8 @@ def full_rank(d_in, d_out, n, ratio, form="one_sided"):
 
 
 # -- budget and ranks ------------------------------------------------------------------------------------------------
-def test_budget_rule_gives_the_seed_anchor_and_stays_in_range():
-    assert num_classes_for(32, 0.5, 1.415) == 12  # the reported data point: 32 layers -> 12 bases at 50 %
-    assert num_classes_for(32, 0.5, GeoSharingConfig().class_exponent) == 12
-    assert math.isclose(GeoSharingConfig().class_exponent, math.log2(32 / 12), abs_tol=1e-3)
-    assert num_classes_for(32, 1e-3, 1.415) == 32 and num_classes_for(32, 0.999, 1.415) == 1
+def test_the_speed_benchmarks_class_count_gives_the_seed_anchor():
+    assert num_classes_for(32, 0.5, 1.415) == 12  # the design notes: 32 layers -> 12 bases at 50 %
     for layers in (1, 2, 3, 4, 7, 32, 80):
         ks = [num_classes_for(layers, r / 100, 1.415) for r in range(1, 100)]
         assert all(1 <= k <= layers for k in ks) and ks == sorted(ks, reverse=True)
@@ -122,12 +117,58 @@ def test_two_sided_rank_is_the_largest_within_budget():
         assert k == min(d_in, d_out) or class_params(d_in, d_out, n, k + 1, "two_sided") > budget
 
 
+# -- the colouring: dendrogram and cut -------------------------------------------------------------------------------
+def test_profile_similarity_is_the_cosine_of_the_profiles():
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    zs.append(2.0 * zs[0])  # the same profile at another scale
+    sim = profile_similarity(zs)
+    ps = [z @ z.T for z in zs]
+    for a in range(4):
+        for b in range(4):
+            ref = (ps[a] * ps[b]).sum() / (ps[a].norm() * ps[b].norm())
+            torch.testing.assert_close(sim[a, b], ref)
+    assert float(sim[0, 3]) == pytest.approx(1.0)
+
+
+def test_dendrogram_merges_the_most_similar_first_across_non_adjacent_layers():
+    sim = torch.tensor([[1.0, 0.1, 0.9, 0.2], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.1], [0.2, 0.8, 0.1, 1.0]])
+    tree = Dendrogram.build([0, 1, 2, 3], sim)
+    assert tree.merges[0] == ((0,), (2,)) and tree.merges[1] == ((1,), (3,))
+    assert tree.cut(2) == ((0, 2), (1, 3)) and tree.cut(4) == ((0,), (1,), (2,), (3,)) and tree.cut(1) == ((0, 1, 2, 3),)
+
+
+def test_best_cut_is_the_least_cost_partition_of_dendrogram_clusters():
+    sim = torch.tensor([[1.0, 0.1, 0.9, 0.2], [0.1, 1.0, 0.2, 0.8], [0.9, 0.2, 1.0, 0.1], [0.2, 0.8, 0.1, 1.0]])
+    tree = Dendrogram.build([0, 1, 2, 3], sim)
+    calls = []
+
+    def cost(group):
+        calls.append(group)
+        return {(0, 2): 1.0, (1, 3): 5.0, (0, 1, 2, 3): 7.0}.get(group, 2.0)  # singles 2 each
+
+    partition, j = tree.best_cut(cost)
+    assert partition == ((0, 2), (1,), (3,)) and j == pytest.approx(5.0)
+    assert len(set(calls)) == 2 * 4 - 1  # one cost per dendrogram cluster
+    every_cut = [sum(cost(g) for g in tree.cut(k)) for k in range(1, 5)]
+    assert j <= min(every_cut)
+
+
+def test_every_colouring_keeps_the_parameter_budget():
+    """Any partition the cut can choose stores at most (1 - ratio) of the dense parameters: every class of n layers
+    has the rank of its size."""
+    d_in, d_out, ratio = 4096, 11008, 0.4
+    for sizes in ([1] * 32, [2] * 16, [32], [3, 5, 7, 17]):
+        stored = sum(class_params(d_in, d_out, n, basis_rank(d_in, d_out, n, ratio)) for n in sizes)
+        assert stored <= (1 - ratio) * 32 * d_in * d_out
+
+
 # -- against Basis Sharing and the dense model ---------------------------------------------------------------------
-def test_beta0_t0_adjacent_colouring_is_basis_sharing():
-    """beta = 0, t = 0 and contiguous classes of two: the same classes, ranks, bases and weights as basis_sharing
-    (the refit towards W on the class's own statistics returns the shared SVD's coefficients)."""
+def test_adjacent_colouring_with_the_input_metric_is_basis_sharing():
+    """hessian = kfac (input-only metric, G = I), beta = 0 and contiguous classes of two: the same classes, ranks,
+    bases and weights as basis_sharing."""
     a, b = tiny_llama(3), tiny_llama(3)
-    compress(a, ratio=0.4, beta=0.0, t=0, colouring="adjacent", num_classes=2)
+    compress(a, ratio=0.4, beta=0.0, hessian="kfac", colouring="adjacent", num_classes=2)
     bs = create_method(BasisSharingConfig(ratio=0.4))
     bs.apply(b, LlamaAdapter(b), ctx())
     for role in ROLES:
@@ -140,16 +181,29 @@ def test_beta0_t0_adjacent_colouring_is_basis_sharing():
     torch.testing.assert_close(logits(a), logits(b), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_classes=2), dict(basis_form="two_sided"),
-                                dict(hessian="kfac", t=4, beta=0.1)])
+def test_full_damping_of_a_private_layer_is_the_whitened_fit():
+    """beta = 0 replaces G by its mean eigenvalue times I: one layer's fit is then SVD-LLM's whatever G is (a scalar
+    metric does not change a single layer's SVD); shared classes differ only by the layers' loss weights."""
+    a, b = tiny_llama(3), tiny_llama(3)
+    compress(a, ratio=0.4, beta=0.0, colouring="adjacent", num_classes=2)
+    compress(b, ratio=0.4, hessian="kfac", colouring="adjacent", num_classes=2)
+    for role in ("o", "down"):
+        for i in range(3):
+            la, lb = (m.get_submodule(LlamaAdapter(m).role_path(role, i)) for m in (a, b))
+            torch.testing.assert_close(la.dense_weight(), lb.dense_weight(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_classes=2), dict(basis_form="two_sided", num_classes=3),
+                                dict(hessian="kfac")])
 def test_full_rank_at_a_tiny_ratio_reproduces_the_dense_model(monkeypatch, kw):
-    """ratio -> 0 with ranks at full (one class per layer by the budget rule, or two classes sharing a full
-    basis, or the two-sided form; a trust region on 4 curvature directions moves nothing: the perturbation is 0)."""
+    """ratio -> 0 with ranks at full: every class reproduces its layers whatever the metric (two-sided: one class
+    per layer, as a shared output basis of full rank does not span several layers' outputs)."""
     monkeypatch.setattr(geo, "class_rank", full_rank)
     model = tiny_llama(3)
     dense = logits(model)
     _, out = compress(model, ratio=1e-3, **kw)
-    assert out["method/bases"] == (2 * len(SHARED) + 3 * 2 if kw.get("num_classes") == 2 else 3 * len(ROLES))
+    if kw.get("num_classes") == 2:
+        assert out["method/bases"] == 2 * len(SHARED) + 3 * 2
     torch.testing.assert_close(logits(model), dense, rtol=1e-4, atol=1e-4)
 
 
@@ -175,144 +229,47 @@ def test_stored_parameters_equal_the_rank_formula(form):
     if form == "two_sided":
         layers = model.model.layers
         assert all(isinstance(layers[i].mlp.up_proj, TwoSidedSharedLinear) for i in range(5))
-        ups = classes_of(model, adapter, "up")
-        shared = [g for g in ups if len(g) > 1][0]
-        assert layers[shared[0]].mlp.up_proj.w is layers[shared[1]].mlp.up_proj.w
+        ups = [g for g in classes_of(model, adapter, "up") if len(g) > 1]
+        assert not ups or layers[ups[0][0]].mlp.up_proj.w is layers[ups[0][1]].mlp.up_proj.w
 
 
-# -- the colouring ---------------------------------------------------------------------------------------------------
-def test_colouring_is_a_partition_with_the_budgets_number_of_classes():
+# -- the colouring on a model ----------------------------------------------------------------------------------------
+def test_colouring_is_a_partition_chosen_by_the_predicted_loss():
     model = tiny_llama(5)
     adapter = LlamaAdapter(model)
     _, out = compress(model, ratio=0.5)
-    k = num_classes_for(5, 0.5, 1.415)
-    assert k == 2
     for role in ROLES:
         classes = classes_of(model, adapter, role)
         assert sorted(i for g in classes for i in g) == list(range(5))  # every layer in exactly one class
-        assert len(classes) == (k if role in SHARED else 5)
         assert out[f"method/classes/{role}"] == len(classes)
-    assert out["method/objective"] <= out["method/objective_adjacent"] + 1e-9
-
-
-def synthetic_layers(n_out=12, d=10, seed=0):
-    """Four layers: 0 and 2 alike, 1 and 3 alike (W_2 = W_0 + small noise), identical isotropic inputs."""
-    g = torch.Generator().manual_seed(seed)
-    a, b = (torch.randn(n_out, d, generator=g, dtype=torch.float64) for _ in range(2))
-    weights = {0: a, 1: b, 2: a + 0.01 * torch.randn(n_out, d, generator=g, dtype=torch.float64),
-               3: b + 0.01 * torch.randn(n_out, d, generator=g, dtype=torch.float64)}
-    x = torch.randn(200, d, generator=g, dtype=torch.float64)
-    grams = {i: Gram(x.T @ x, 200) for i in weights}
-    curvature = {i: Curvature.from_gram(grams[i], 4, "eigh") for i in weights}
-    return weights, grams, curvature
-
-
-@pytest.mark.parametrize("init", ["pairs", "adjacent"])
-def test_curvature_colouring_shares_non_adjacent_layers(init):
-    weights, grams, curvature = synthetic_layers()
-    scorer = ClassScorer(weights, grams, curvature, lambda n: geo.class_rank(10, 12, n, 0.5))
-    partition, info = colour_component(scorer, [0, 1, 2, 3], 2, "curvature", init, rounds=5)
-    assert partition == ((0, 2), (1, 3))
-    assert info["objective"] < 0.9 * info["objective_adjacent"]
-    assert colour_component(None, [0, 1, 2, 3], 2, "adjacent")[0] == ((0, 1), (2, 3))
+        if role not in SHARED:
+            assert len(classes) == 5
+    assert out["method/objective"] <= out["method/objective_pairs"] + 1e-12  # the cut is never worse than pairs?
+    assert out["method/fits"] >= 2 * 5 - 1
 
 
 def test_a_model_whose_first_and_last_blocks_are_alike_shares_them():
-    """Block 2 is a copy of block 0, block 1 differs: every coloured role puts layers 0 and 2 in one class."""
+    """Block 2 is a copy of block 0, block 1 differs: every coloured role puts layers 0 and 2 in one class, and the
+    metrics count the non-adjacent classes."""
     model = tiny_llama(3)
     model.model.layers[2].load_state_dict(model.model.layers[0].state_dict())
     adapter = LlamaAdapter(model)
     _, out = compress(model, ratio=0.5, num_classes=2)
     for role in SHARED:
         assert classes_of(model, adapter, role) == [(0, 2), (1,)], role
+        assert out[f"method/non_adjacent/{role}"] == 1
     assert out["method/non_adjacent_classes"] == len(SHARED)
 
 
-# -- trust region ----------------------------------------------------------------------------------------------------
-def test_trust_region_target_keeps_the_high_curvature_part_and_clips_the_rest():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(100, 16, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 16, dtype=torch.float64)
-    curv = Curvature.from_gram(Gram(x.T @ x, 100), 5, "lanczos")
-    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
-    approx = w + 0.5 * torch.randn(8, 16, generator=g, dtype=torch.float64)
-    for beta in (0.0, 0.01, 0.05, 10.0):
-        update = trust_region_target(w, approx, curv, beta) - w
-        tau = beta * float(w.norm())
-        assert float(update.norm()) <= tau * (1 + 1e-12) + 1e-15
-        torch.testing.assert_close(update @ curv.u, torch.zeros(8, 5, dtype=torch.float64), rtol=0, atol=1e-12)
-    low = (approx - w) - (approx - w) @ curv.u @ curv.u.T  # nothing clipped inside the radius
-    torch.testing.assert_close(trust_region_target(w, approx, curv, 10.0) - w, low)
-
-
-def test_trust_region_updates_of_a_run_are_low_curvature_and_within_tau(monkeypatch):
-    """In a run with t < d_in: every layer's refit target W' differs from W by a vector orthogonal to its top-t
-    curvature directions, of norm <= beta ||W||_F (at the radius here: the perturbation is larger)."""
-    seen = []
-
-    def spy(weight, approx, curvature, beta):
-        target = trust_region_target(weight, approx, curvature, beta)
-        seen.append((weight, target, curvature, beta))
-        return target
-
-    monkeypatch.setattr(geo, "trust_region_target", spy)
-    model = tiny_llama(3)
-    _, out = compress(model, ratio=0.5, t=6, beta=0.05)
-    assert len(seen) == 3 * len(ROLES)
-    for w, target, curv, beta in seen:
-        update = target - w
-        assert curv.u.shape[1] == 6 and float(update.norm()) <= beta * float(w.norm()) * (1 + 1e-9)
-        assert float((update @ curv.u).norm()) <= 1e-9 * float(w.norm())
-    assert out["method/tr_at_radius"] == 1.0 and out["method/tr_low_rel_mean"] == pytest.approx(0.05)
-
-
-def test_beta_changes_the_stored_coefficients_and_t_is_clipped_to_d_in():
-    base, moved = tiny_llama(3), tiny_llama(3)
-    _, out = compress(base, ratio=0.5, t=6, beta=0.0)
-    compress(moved, ratio=0.5, t=6, beta=0.2)
-    diff = (base.model.layers[0].self_attn.q_proj.u - moved.model.layers[0].self_attn.q_proj.u).abs().max()
-    assert diff > 1e-4
-    _, out = compress(tiny_llama(3), ratio=0.5)  # t = 550 on a 32-wide model
-    assert out["method/t_min"] == 32
-
-
-# -- hvp curvature ---------------------------------------------------------------------------------------------------
-def test_hvp_eigenpairs_match_the_explicit_hessian_of_the_lm_loss():
-    model = tiny_llama(1, hidden=8, inter=12, heads=2).double()
-    batches = list(ctx().calibration_batches())[:1]
-    path = "model.layers.0.self_attn.q_proj"
-    curv = hvp_curvature(model, path, batches, lm_loss, t=4, seed=0)
-    w = model.get_submodule(path).weight.detach()
-    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernel has no double backward
-        hess = torch.autograd.functional.hessian(weight_loss(model, path, batches, lm_loss), w).reshape(64, 64)
-    ref = torch.linalg.eigvalsh(hess).flip(0)[:4]
-    assert curv.flat and curv.u.shape == (64, 4)
-    torch.testing.assert_close(curv.lam, ref, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(hess @ curv.u, curv.u * curv.lam, rtol=1e-5, atol=1e-8)
-
-
-def test_hvp_of_a_quadratic_layer_loss_agrees_with_the_kfac_proxy():
-    """For L(W) = 1/2 mean_x ||x W^T - y||^2 the Hessian is (X^T X / N) (x) I: Lanczos on its Hessian-vector
-    products finds the distinct eigenvalues, which are the proxy's top_eigenpairs of X^T X / N."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 6, generator=g, dtype=torch.float64) * torch.linspace(1, 3, 6, dtype=torch.float64)
-    y = torch.randn(64, 5, generator=g, dtype=torch.float64)
-    model = nn.Sequential(nn.Linear(6, 5, bias=False)).double()
-    curv = hvp_curvature(model, "0", [(x, y)], lambda call, b: 0.5 * (call(b[0]) - b[1]).pow(2).sum(1).mean(), t=6)
-    proxy = Curvature.from_gram(Gram(x.T @ x, 64), 6, "eigh")
-    torch.testing.assert_close(curv.lam, proxy.lam, rtol=1e-8, atol=1e-10)
-    lam, _ = top_eigenpairs(x.T @ x / 64, 3, solver="lanczos")
-    torch.testing.assert_close(curv.lam[:3], lam, rtol=1e-8, atol=1e-10)
-
-
-def test_hvp_mode_compresses_a_tiny_model():
-    model = tiny_llama(2, hidden=16, inter=24, heads=2)
-    dense = logits(model)
-    _, out = compress(model, ratio=0.4, hessian="hvp", t=3, hvp_samples=1, scope="attention", num_classes=1)
-    assert out["method/t_min"] == 3 and out["method/classes/q"] == 1
-    assert model.model.layers[0].self_attn.q_proj.v is model.model.layers[1].self_attn.q_proj.v
-    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)  # outside the scope
-    after = logits(model)
-    assert torch.isfinite(after).all() and not torch.allclose(after, dense)
+def test_the_loss_metric_and_beta_change_the_stored_factors():
+    base, loss, damped = tiny_llama(3), tiny_llama(3), tiny_llama(3)
+    kw = dict(ratio=0.5, colouring="adjacent", num_classes=2)
+    compress(base, hessian="kfac", **kw)
+    _, out = compress(loss, beta=math.inf, **kw)
+    compress(damped, beta=1.0, **kw)
+    w = [m.model.layers[0].self_attn.q_proj.dense_weight() for m in (base, loss, damped)]
+    assert (w[0] - w[1]).abs().max() > 1e-4 and (w[1] - w[2]).abs().max() > 1e-4
+    assert out["method/predicted_increase"] > 0
 
 
 # -- checkpoints and other architectures -----------------------------------------------------------------------------
@@ -330,15 +287,15 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, form):
     assert len({accounting.count(s.values(), weights_only=True)["params_stored"] for s in scopes}) == 1
 
 
-def test_vit_roles_are_coloured_as_the_adapter_defines_them(monkeypatch):
+def test_vit_roles_are_coloured_as_the_adapter_defines_them():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, embed_dim=16,
                               depth=4, num_heads=2, num_classes=5, in_chans=1, global_pool="avg").eval()
     model._images = (1, 8, 8)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     adapter = create_adapter(model)
     assert isinstance(adapter, TimmViTAdapter)
-    _, out = compress(model, ratio=0.5)
-    assert out["method/classes/qkv"] == out["method/classes/fc1"] == num_classes_for(4, 0.5, 1.415) == 2
+    _, out = compress(model, ratio=0.5, num_classes=2)
+    assert out["method/classes/qkv"] == out["method/classes/fc1"] == 2
     assert out["method/classes/proj"] == out["method/classes/fc2"] == 4
     assert torch.isfinite(model(x)).all()
 
@@ -355,7 +312,7 @@ def test_swin_stages_are_coloured_apart_and_full_rank_is_exact(monkeypatch):
     model = swin()
     adapter = create_adapter(model)
     assert isinstance(adapter, TimmSwinAdapter)
-    _, out = compress(model, ratio=0.3, num_classes=1)
+    compress(model, ratio=0.3, num_classes=1)
     for role in ("qkv", "fc1"):  # one class per stage: blocks 0-2 (width 16) and 3-4 (width 32)
         assert classes_of(model, adapter, role) == [(0, 1, 2), (3, 4)]
     assert classes_of(model, adapter, "proj") == [(i,) for i in range(5)]
@@ -372,13 +329,14 @@ def test_swin_stages_are_coloured_apart_and_full_rank_is_exact(monkeypatch):
 def test_bad_configurations_are_refused_before_compute():
     with pytest.raises(ConfigError, match="colouring"):
         GeoSharingConfig(colouring="random")
-    with pytest.raises(ConfigError, match="t=0"):
-        GeoSharingConfig(t=0)
     with pytest.raises(ConfigError, match="hessian"):
         GeoSharingConfig(hessian="fisher")
+    with pytest.raises(ConfigError, match="beta"):
+        GeoSharingConfig(beta=-1.0)
+    with pytest.raises(ConfigError, match="num_classes"):
+        GeoSharingConfig(num_classes=0)
     with pytest.raises(ConfigError, match="default"):
         GeoSharingConfig(share_types={"llama": ["q"]})
-    GeoSharingConfig(t=0, colouring="adjacent")
     model = tiny_llama(2)
     with pytest.raises(ConfigError, match="roles qkv unknown"):
         create_method(GeoSharingConfig(share_types={"default": ["qkv"]})).check(LlamaAdapter(model))
@@ -395,18 +353,16 @@ def test_demo_lm_run_saves_and_reloads_with_the_recorded_perplexity(task_cfg):
     assert execute(cfg, []) == "done", read_json(p.run_dir / RUN_JSON).get("traceback")
     metrics = read_json(p.run_dir / METRICS_JSON)
     assert 0.5 <= metrics["scope/removed_fraction"] <= 0.56
-    assert metrics["method/classes/q"] == num_classes_for(2, 0.5, 1.415)
+    assert metrics["method/objective"] <= metrics["method/objective_pairs"] + 1e-12
     model = load_compressed(p.task.build_model(0), p.run_dir / "model.safetensors").eval()
-    layers = model.model.layers
-    assert layers[0].self_attn.q_proj.v is layers[1].self_attn.q_proj.v
     assert p.task.evaluate(model)["ppl/demo"] == pytest.approx(metrics["ppl/demo"], rel=1e-6)
 
 
 def test_demo_vit_run(task_cfg):
-    cfg = task_cfg("demo_vit", "method=geo_sharing", "method.ratio=0.4", "method.refine_iters=2")
+    cfg = task_cfg("demo_vit", "method=geo_sharing", "method.ratio=0.4")
     p = plan(cfg)
     assert execute(cfg, []) == "done", read_json(p.run_dir / RUN_JSON).get("traceback")
     metrics = read_json(p.run_dir / METRICS_JSON)
     assert 0.4 <= metrics["scope/removed_fraction"] <= 0.46
-    assert metrics["method/classes/qkv"] == num_classes_for(4, 0.4, 1.415) == 2
+    assert 1 <= metrics["method/classes/qkv"] <= 4
     assert 0.0 <= metrics["acc/top1"] <= 1.0
