@@ -1,14 +1,14 @@
 """Inference speed and resident weight bytes of compressed LLaMA layouts against the dense model.
 
 Random weights of a LLaMA shape (default LLaMA-7B: hidden 4096, MLP 11008, 32 layers, 32 heads, vocabulary 32000)
-in bf16 on one device; every linear of the decoder blocks is replaced by the layout a method stores, with random
-factors of the method's ranks (timing does not depend on the values):
+in ``--dtype`` on one device, compressed as a run compresses it: the method's config composed from
+``conf/method/<name>.yaml`` (with ``method.ratio`` and ``method.rank_multiple`` set from the command line) and
+applied with ``Method.apply``, calibrated on ``--calib-samples`` random token windows of ``--calib-seqlen`` tokens
+(speed and bytes depend on the stored structure, not on the fitted values). Layouts:
 
-* ``lowrank``: svd / svd_llm, each matrix U (out x r) V (r x in), r = floor((1 - ratio) m n / (m + n));
-* ``basis_sharing``: q, k, v, gate, up share one basis per pair of consecutive layers (Basis Sharing's rank),
-  o and down private low rank; a shared basis is one tensor, resident once;
-* ``geo_sharing``: the same roles coloured into K = round(L (1 - ratio)^1.415) classes of non-adjacent layers
-  (layer i in class i mod K, one colouring for every role, as curvature colourings need not be) at the class rank.
+* ``lowrank``: the ``svd`` method, each decoder linear U (out x r) V (r x in);
+* ``basis_sharing``: the ``basis_sharing`` method, shared bases resident once;
+* ``geo_sharing``: the ``geo_sharing`` method (its sharing classes and ranks as its config chooses them).
 
 ``--kernels torch auto`` measures every compressed layout twice: ``torch``, the naive layout (each factor an
 ``F.linear``, separate q/k/v GEMMs), and ``auto``, the harness's inference layout (``methods.fuse``: one GEMM for
@@ -16,8 +16,9 @@ the factors that read the same input; ``methods.kernels``: the fused low-rank de
 
 Measured per layout and ratio: prefill tokens/s at ``--batch x --seqlen`` (``torch.utils.benchmark``), batch-1
 decode ms/token with a static KV cache, eager and with CUDA graphs (``--decode eager graph``), and the resident
-weight bytes (``--bytes-only``: the bytes alone, e.g. at the full LLaMA-7B shape on a CPU). ``--round-ranks 64``
-rounds every rank down to a multiple of 64 (what the GPU's tiles want).
+weight bytes. ``--bytes-only`` skips the timing; the layouts are still built by the methods, so at the full
+LLaMA-7B shape it costs each method's compression (SVDs and eigendecompositions of every layer: minutes on a GPU,
+hours on a few CPU cores). ``--round-ranks 64`` sets ``method.rank_multiple=64`` (what the GPU's tiles want).
 
     python -m runners.bench_llm_speed --device cuda --round-ranks 64 --out results/bench/llm_speed_h100.json
     python -m runners.bench_llm_speed --hidden 64 --intermediate 160 --layers 2 --heads 4 --vocab 512 \\
@@ -37,18 +38,15 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from methods import kernels
-from methods.basis_sharing import basis_rank, consecutive_groups, install_shared_basis
+from methods import MethodConfig, kernels
 from methods.fuse import inference_layout
-from methods.geo_sharing import num_classes_for
-from methods.modules import LowRankLinear
-from methods.svd import rank_for_ratio
 from runners import measure
+from runners.bench_method import apply_method, method_config, token_windows
 from runners.record import write_benchmark
 from tasks.adapters import LlamaAdapter
 
-LAYOUTS = ("dense", "lowrank", "basis_sharing", "geo_sharing")
-SHARED_ROLES = ("q", "k", "v", "gate", "up")
+#: layout name -> the method (conf/method/<name>.yaml) that builds it
+LAYOUTS = {"dense": None, "lowrank": "svd", "basis_sharing": "basis_sharing", "geo_sharing": "geo_sharing"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -68,46 +66,20 @@ def build_dense(args: argparse.Namespace, device: torch.device) -> LlamaForCausa
     return model.eval()
 
 
-def _rounded(rank: int, multiple: int) -> int:
-    return max(multiple, rank // multiple * multiple) if multiple > 1 else rank
+def layout_config(layout: str, ratio: float, round_ranks: int) -> MethodConfig:
+    """The config of ``layout``'s method as a run composes it, at ``ratio`` with ``rank_multiple=round_ranks``."""
+    return method_config(LAYOUTS[layout], f"method.ratio={ratio}", f"method.rank_multiple={round_ranks}")
 
 
-def _random_factor(rows: int, cols: int, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return (torch.randn(rows, cols, generator=gen, device=like.device) * cols ** -0.5).to(like.dtype)
-
-
-def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks: int) -> dict[str, int]:
-    """Replace every decoder linear by ``layout`` with random factors; returns {role: rank} (first class)."""
+def apply_layout(model: LlamaForCausalLM, layout: str, ratio: float, round_ranks: int, calib_samples: int = 2,
+                 calib_seqlen: int = 16) -> dict[str, int]:
+    """Compress ``model`` in place with ``layout``'s method at ``ratio`` (``method.rank_multiple=round_ranks``),
+    calibrated on ``calib_samples`` random windows of ``calib_seqlen`` tokens; returns {role: rank of layer 0}."""
+    cfg = layout_config(layout, ratio, round_ranks)
+    device = next(model.parameters()).device
+    apply_method(model, cfg, token_windows(model.config.vocab_size, calib_samples, calib_seqlen, device), device)
     adapter = LlamaAdapter(model)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
-    ranks: dict[str, int] = {}
-    n_layers = len(adapter.blocks())
-    for role in adapter.roles:
-        ref = model.get_submodule(adapter.role_path(role, 0))
-        d_out, d_in = ref.weight.shape
-        shared = layout in ("basis_sharing", "geo_sharing") and role in SHARED_ROLES
-        if not shared:
-            groups = [(i,) for i in range(n_layers)]
-        elif layout == "basis_sharing":
-            groups = consecutive_groups(n_layers, 2)
-        else:
-            k = num_classes_for(n_layers, ratio, 1.415)
-            groups = [tuple(range(c, n_layers, k)) for c in range(k)]
-        for group in groups:
-            rank = basis_rank(d_in, d_out, len(group), ratio) if shared else rank_for_ratio(d_out, d_in, ratio)
-            rank = _rounded(rank, round_ranks)
-            ranks.setdefault(role, rank)
-            if shared:
-                basis = _random_factor(rank, d_in, ref.weight, gen)
-                install_shared_basis(adapter, role, group, basis,
-                                     [_random_factor(d_out, rank, ref.weight, gen) for _ in group])
-            else:
-                path = adapter.role_path(role, group[0])
-                layer = model.get_submodule(path)
-                adapter.replace(path, LowRankLinear.from_factors(_random_factor(d_out, rank, ref.weight, gen),
-                                                                 _random_factor(rank, d_in, ref.weight, gen),
-                                                                 layer.bias))
-    return ranks
+    return {role: model.get_submodule(adapter.role_path(role, 0)).rank for role in adapter.roles}
 
 
 def linear_params(model: nn.Module) -> int:
@@ -144,7 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5], help="fraction of linear parameters removed")
-    ap.add_argument("--round-ranks", type=int, default=1, help="round ranks down to a multiple of this (1: off)")
+    ap.add_argument("--round-ranks", type=int, default=1,
+                    help="method.rank_multiple: round ranks down to a multiple of this (1: off)")
+    ap.add_argument("--calib-samples", type=int, default=4, help="random calibration windows per method")
+    ap.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration window")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--layers", type=int, default=32)
@@ -171,13 +146,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--decode graph captures CUDA graphs: use --decode eager on the CPU")
     if not all(0 < r < 1 for r in args.ratios):
         raise SystemExit(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
+    if min(args.round_ranks, args.calib_samples, args.calib_seqlen) < 1:
+        raise SystemExit("--round-ranks, --calib-samples and --calib-seqlen must be >= 1")
     rows, dense = [], None
     points = [("dense", 0.0, "torch")] + [(layout, ratio, mode) for layout in args.layouts if layout != "dense"
                                           for ratio in args.ratios for mode in args.kernels]
+    for layout, ratio, _ in points[1:]:
+        layout_config(layout, ratio, args.round_ranks)  # every config composes and validates before any compute
     for layout, ratio, mode in points:
         with kernels.backend(mode):
             model = build_dense(args, device)
-            ranks = {} if layout == "dense" else apply_layout(model, layout, ratio, args.round_ranks)
+            ranks = {} if layout == "dense" else apply_layout(model, layout, ratio, args.round_ranks,
+                                                              args.calib_samples, args.calib_seqlen)
             protocol = inference_layout(model, LlamaAdapter(model), device)
             row = {"layout": layout, "ratio": ratio, "kernels": mode, "ran": protocol["protocol/kernels"],
                    "fused_input_groups": protocol["protocol/fused_input_groups"], "ranks": ranks,
