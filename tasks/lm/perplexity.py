@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.progress import progress_bar
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ppl_concat(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_size: int, device: torch.device | str,
                max_windows: int | None = None, progress: bool = True, desc: str = "ppl") -> dict[str, Any]:
     """Perplexity of one token stream, the SparseGPT / Wanda ``eval_ppl`` protocol.
@@ -47,11 +47,11 @@ def ppl_concat(model: nn.Module, token_ids: torch.Tensor, seqlen: int, batch_siz
         batch = windows[start:start + batch_size].to(device)
         out = model(input_ids=batch, **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
-        shifted = logits[:, :-1, :].float()
-        nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch[:, 1:].reshape(-1).to(shifted.device),
-                              reduction="none")
-        losses[start:start + batch.shape[0]] = nll.view(batch.shape[0], seqlen - 1).double().mean(dim=1).cpu()
-        del out, logits, shifted, nll
+        # targets shifted instead of the logits: no copy of the logits (the last position has no target)
+        targets = F.pad(batch[:, 1:], (0, 1), value=-100).to(logits.device)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        losses[start:start + batch.shape[0]] = nll.view(batch.shape[0], seqlen)[:, :-1].double().mean(dim=1).cpu()
+        del out, logits, nll
     loss = float(losses.sum() * seqlen / (n * seqlen))
     try:
         ppl = math.exp(loss)
