@@ -229,12 +229,18 @@ class BasisSharing(Method):
         dense = {(role, i): model.get_submodule(adapter.role_path(role, i)).weight.detach().to("cpu", copy=True)
                  for role, g, _ in plan.classes() for i in g} if self.cfg.update else {}
         fitter = PlanFitter(adapter, plan, ctx.device)
-        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
-        run_blocks(adapter, inputs, list(plan.groups), fitter, ctx.device, ctx.progress, desc="basis_sharing")
-        if self.cfg.update:
+        with ctx.stage("calibration"):
             inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
-            run_blocks(adapter, inputs, list(plan.groups), PlanRefitter(adapter, plan, dense, ctx.device),
-                       ctx.device, ctx.progress, desc="basis_sharing update")
+        with ctx.stage("statistics"):  # the blocks' forwards and X^T X sums; the fits (Cholesky + SVD) nest inside
+            run_blocks(adapter, inputs, list(plan.groups), ctx.timed("fitting", fitter), ctx.device, ctx.progress,
+                       desc="basis_sharing")
+        if self.cfg.update:
+            with ctx.stage("calibration"):
+                inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
+            with ctx.stage("statistics"):
+                run_blocks(adapter, inputs, list(plan.groups),
+                           ctx.timed("refit", PlanRefitter(adapter, plan, dense, ctx.device)), ctx.device,
+                           ctx.progress, desc="basis_sharing update")
         out: dict[str, float] = {f"method/rank/{role}": float(ranks[0]) for role, ranks in plan.ranks.items()}
         out["method/bases"] = float(len(fitter.bases))
         out["method/damped_grams"] = float(fitter.damped)

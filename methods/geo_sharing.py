@@ -419,22 +419,27 @@ class GeoSharing(Method):
         layout = self.layout(adapter)
         out_grams = None
         if self.cfg.hessian == "loss":
-            out_grams = ctx.checkpointed("geo_sharing_output_grams",
-                                         lambda: self._keyed(self.output_grams(model, adapter, layout, ctx)))
+            with ctx.stage("curvature"):  # the output-side K-FAC factors: one backward pass
+                out_grams = ctx.checkpointed("geo_sharing_output_grams",
+                                             lambda: self._keyed(self.output_grams(model, adapter, layout, ctx)))
             out_grams = {(k.rsplit(".", 1)[0], int(k.rsplit(".", 1)[1])): v.to("cpu") for k, v in out_grams.items()}
         stats = _Statistics(self, adapter, layout, out_grams, ctx.device)
-        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
-        run_blocks(adapter, inputs, layout.roles(), stats, ctx.device, ctx.progress, desc="geo_sharing")
-
-        colouring = ctx.checkpointed("geo_sharing_colouring",
-                                     lambda: self.colour(adapter, layout, stats, out_grams, ctx.device))
+        with ctx.stage("calibration"):
+            inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
+        with ctx.stage("statistics"):  # the blocks' forwards and X^T X sums; the private roles' fits nest inside
+            run_blocks(adapter, inputs, layout.roles(), ctx.timed("fitting", stats), ctx.device, ctx.progress,
+                       desc="geo_sharing")
+        with ctx.stage("colouring"):
+            colouring = ctx.checkpointed("geo_sharing_colouring",
+                                         lambda: self.colour(adapter, layout, stats, out_grams, ctx.device))
         groups = {role: [tuple(int(i) for i in g) for g in colouring["groups"][role]] for role in layout.graph}
         per_layer = list(stats.per_layer)
         damped = stats.damped
         for role, classes in groups.items():
             for group in classes:
-                fit = self.fit_class(adapter, layout, role, group, [stats.grams[(role, i)] for i in group],
-                                     out_grams, ctx.device, install=True)
+                with ctx.stage("fitting"):
+                    fit = self.fit_class(adapter, layout, role, group, [stats.grams[(role, i)] for i in group],
+                                         out_grams, ctx.device, install=True)
                 per_layer += fit["increase"]
                 damped += fit["damped"]
         return self.metrics(adapter, layout, groups, colouring, per_layer, damped)

@@ -130,7 +130,8 @@ class SVDLLM(Method):
         by_block = adapter.scope_roles(self.cfg.scope)
         roles = sorted({r for rs in by_block.values() for r in rs}, key=list(adapter.roles).index)
         ranks, damped, gains = [], 0, []
-        inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
+        with ctx.stage("calibration"):
+            inputs = capture_block_inputs(adapter, ctx.calibration_batches(), ctx.progress)
         # the compressed model's block inputs; block 0 reads the embeddings, the same as the dense model's
         stream = BlockInputs([h.clone() for h in inputs.hidden], inputs.block_kwargs) if self.cfg.update else None
 
@@ -143,11 +144,13 @@ class SVDLLM(Method):
                 layer = model.get_submodule(path)
                 gram = grams[role]
                 if id(gram) not in factors:
-                    factors[id(gram)] = whitening_factor(gram.xtx)
+                    with ctx.stage("eigen"):
+                        factors[id(gram)] = whitening_factor(gram.xtx)
                     damped += factors[id(gram)][1]
                 rank = self.cfg.fit_rank(rank_for_ratio(layer.out_features, layer.in_features, self.cfg.ratio))
                 w = layer.weight
-                basis, (coeff,) = whitened_basis([w], factors[id(gram)][0], rank)
+                with ctx.stage("fitting"):
+                    basis, (coeff,) = whitened_basis([w], factors[id(gram)][0], rank)
                 low = LowRankLinear.from_factors(coeff.to(w.device, w.dtype), basis.to(w.device, w.dtype), layer.bias)
                 adapter.replace(path, low)
                 ranks.append(rank)
@@ -161,7 +164,8 @@ class SVDLLM(Method):
             if stream is not None:
                 forward_block(adapter, stream, i, block_device(adapter.blocks()[i]))
 
-        run_blocks(adapter, inputs, roles, compress, ctx.device, ctx.progress, desc="svd_llm")
+        with ctx.stage("statistics"):  # the blocks' forwards and X^T X sums; eigen and fitting nest inside
+            run_blocks(adapter, inputs, roles, compress, ctx.device, ctx.progress, desc="svd_llm")
         out = {"method/rank_mean": sum(ranks) / len(ranks), "method/rank_min": min(ranks),
                "method/damped_grams": damped}
         if gains:  # the output error on the update's inputs after / before the update, mean over layers
