@@ -82,10 +82,17 @@ def test_demo_experiment_is_the_documented_grid():
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF), version_base="1.3"):
         points = sweep_points(["experiment=demo"], CONF)
-        run_ids = {plan(compose("run", overrides=job)).run_id for job in points}
+        plans = [plan(compose("run", overrides=job)) for job in points]
     GlobalHydra.instance().clear()
-    assert len(points) == 2 * 3 * 2
-    assert len(run_ids) == 2 * (1 + 2 * 2)  # dense runs once per task whatever the ratio
+    run_ids = {p.run_id for p in plans}
+    points_dir = sorted(f.stem for f in (CONF / "demo_point").glob("*.yaml"))
+    assert sorted(job[0].split("=")[1] for job in points) == points_dir  # every point file, each once
+    assert len(run_ids) == len(points) == 7 + 3 + 3  # demo_lm: dense + 3 methods x 2 ratios; resnet 3; vit 3
+    assert {p.method.name for p in plans if p.run.task.name == "demo_lm"} >= {"svd_llm", "basis_sharing", "geo_sharing"}
+    assert {p.method.name for p in plans if p.run.task.name == "demo_resnet"} >= {"stable_rps", "synflow"}
+    assert {(p.method.name, p.run.method.ratio) for p in plans if p.run.task.name == "demo_resnet"} >= \
+        {("stable_rps", 0.9), ("synflow", 0.9)}
+    assert "fips" in {p.method.name for p in plans if p.run.task.name == "demo_vit"}
 
 
 def test_experiment_values_override_the_base_config(compose_cfg):

@@ -25,7 +25,7 @@ def test_list_names_every_method_with_kind_paper_and_defaults(capsys):
     tasks = {e["name"]: e for e in out["tasks"]}
     assert tasks["demo_lm"]["kind"] == "hf_lm" and tasks["demo_lm"]["fields"]["eval.datasets"] == ["demo"]
     experiments = {e["name"]: e for e in out["experiments"]}
-    assert experiments["demo"]["kind"] == "12 points" and "method" in experiments["demo"]["fields"]
+    assert experiments["demo"]["kind"] == "13 points" and "+demo_point" in experiments["demo"]["fields"]
     assert listing.main(["methods"]) == 0
     text = capsys.readouterr().out
     assert "svd_llm" in text and "[arXiv 2403.07378]" in text and "rank_multiple=1" in text
