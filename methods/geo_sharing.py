@@ -33,7 +33,8 @@ building blocks (``methods.basis_sharing``), each kept because it measurably low
    minimises J = sum over classes and layers of the predicted loss increase 1/2 tr(G_i D_i A_i D_i^T) (dynamic
    programming over the tree: 2L - 1 class fits). Every class gets the rank of its size under the ratio
    (Basis Sharing's ``basis_rank``), so every cut keeps the parameter budget and the number of classes is chosen
-   by J, not by a rule. ``num_classes: K`` cuts the dendrogram into exactly K classes instead;
+   by J, not by a rule; Basis Sharing's adjacent pairs are kept instead when their J is lower, so by its own
+   criterion the colouring is never worse than pairs. ``num_classes: K`` cuts the dendrogram into exactly K classes instead;
    ``colouring: adjacent`` takes contiguous runs (K default ceil(L/2): Basis Sharing's pairs). Evidence: on the
    12-layer model the cut shares across non-adjacent layers (e.g. q: (4, 7, 10), (6, 8, 11)) and lowers J; its
    perplexity effect is small (BENCHMARKS.md).
@@ -371,14 +372,16 @@ class GeoSharing(Method):
                     return cache[group]
 
                 k = self.cfg.num_classes
+                pairs = canonical(contiguous_classes(layers, math.ceil(len(layers) / 2)))
                 if self.cfg.colouring == "adjacent":
-                    partition = canonical(contiguous_classes(layers, k or math.ceil(len(layers) / 2)))
+                    partition = canonical(contiguous_classes(layers, k)) if k is not None else pairs
                 else:
                     tree = Dendrogram.build(layers, profile_similarity(self.profiles(adapter, role, layers, stats,
                                                                                      out_grams, device)))
-                    partition = tree.cut(k) if k is not None else tree.best_cut(cost)[0]
+                    partition = tree.cut(k) if k is not None else min(
+                        (tree.best_cut(cost)[0], pairs), key=lambda p: sum(cost(g) for g in p))
                 totals["objective"] += sum(cost(g) for g in partition)
-                totals["objective_pairs"] += sum(cost(g) for g in contiguous_classes(layers, math.ceil(len(layers) / 2)))
+                totals["objective_pairs"] += sum(cost(g) for g in pairs)
                 totals["fits"] += len(cache)
                 groups[role] += [list(g) for g in partition]
                 log.info("geo_sharing %s: layers %s -> %d classes %s", role, layers, len(partition), partition)

@@ -244,7 +244,7 @@ def test_colouring_is_a_partition_chosen_by_the_predicted_loss():
         assert out[f"method/classes/{role}"] == len(classes)
         if role not in SHARED:
             assert len(classes) == 5
-    assert out["method/objective"] <= out["method/objective_pairs"] + 1e-12  # the cut is never worse than pairs?
+    assert out["method/objective"] <= out["method/objective_pairs"] + 1e-12  # pairs are a candidate
     assert out["method/fits"] >= 2 * 5 - 1
 
 
