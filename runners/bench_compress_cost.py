@@ -16,7 +16,7 @@ law gives the stage's time on this machine at that shape, and the ratio of the H
 rate for the stage's dominant primitive converts it: matmul (calibration forward, statistics, refit, colouring)
 bf16 784 TFLOP/s; eigh / Cholesky (eigen) fp32, 0.097 s at 4096^2; SVD (fitting) fp32, 1.15 s for 4096 x 16384.
 This machine's rates are measured at small sizes and scaled by n^3 (eigh) and m^2 n (SVD, m <= n). Time in no
-named stage (``other``) is converted with the least favourable ratio. The projection inherits the fit's error and the
+named stage (``other``) keeps its share of the largest measured point. The projection inherits the fit's error and the
 assumption that a stage is bound by its primitive; BENCHMARKS.md lists the caveats.
 """
 from __future__ import annotations
@@ -31,14 +31,17 @@ import numpy as np
 import torch
 
 from methods import METHODS, CompressContext
+from core.io import read_json
 from runners.record import write_benchmark
 from tasks.adapters import create_adapter
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "tokens": 256 * 2048}
 # measured on one H100 (the issue's figures): bf16 matmul, fp32 eigh at two sizes, fp32 SVD of 4096 x 16384
 H100 = {"matmul_flops": 784e12, "eigh_4096_s": 0.097, "eigh_11008_s": 0.98, "svd_4096x16384_s": 1.15}
-PRIMITIVE = {"calibration": "matmul", "statistics": "matmul", "refit": "matmul", "colouring": "matmul",
-             "eigen": "eigh", "fitting": "svd", "save": "io"}
+# Geo-Sharing's colouring is mostly trial class fits (Cholesky + SVD per dendrogram node): counted as SVD-bound, an
+# upper bound (its profile similarities are matmuls); ``colouring_matmul_bound_s`` gives the lower bound
+PRIMITIVE = {"calibration": "matmul", "statistics": "matmul", "refit": "matmul", "colouring": "svd",
+             "curvature": "matmul", "eigen": "eigh", "fitting": "svd"}
 TOKEN_STAGES = ("calibration", "statistics", "refit")  # stages whose work grows with the calibration tokens
 GOALS_S = {"geo_sharing": 600.0, "basis_sharing": 240.0}
 
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seqlen", type=int, default=128)
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="project from the points and local rates of an earlier JSON instead of measuring")
     ap.add_argument("--out", type=Path, default=Path("results/bench/compress_cost.json"))
     args = ap.parse_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
@@ -159,24 +164,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown methods {unknown} or bad sizes / ratio (widths, depths >= 1; 0 < ratio < 1)")
     device = torch.device(args.device)
     shapes = sorted({(w, args.base_depth) for w in args.widths} | {(args.base_width, d) for d in args.depths})
-    points = []
-    for method in args.methods:
+    earlier = read_json(args.reuse) if args.reuse is not None else None
+    points = [p for p in earlier["points"] if p["method"] in args.methods] if earlier else []
+    for method in args.methods if earlier is None else ():
         for hidden, layers in shapes:
             points.append(compress_point(method, hidden, layers, args, device))
-            p = points[-1]
-            print(f"{method:>14} h={hidden:<5} L={layers:<3} {p['total_s']:8.2f} s  "
-                  + " ".join(f"{k}={v:.2f}" for k, v in sorted(p["stage_s"].items())), flush=True)
-    local = local_rates(device)
+    for p in points:
+        print(f"{p['method']:>14} h={p['hidden']:<5} L={p['layers']:<3} {p['total_s']:8.2f} s  "
+              + " ".join(f"{k}={v:.2f}" for k, v in sorted(p["stage_s"].items())), flush=True)
+    local = earlier["local_rates"] if earlier else local_rates(device)
     factor = speedups(local)
     projections = {}
     for method in args.methods:
         mine = [p for p in points if p["method"] == method]
-        stages = sorted({s for p in mine for s in p["stage_s"]})
+        stages = sorted({s for p in mine for s in p["stage_s"]} - {"other"})
         laws = {s: fit(mine, s) for s in stages}
-        per_stage = {s: project(law, factor.get(PRIMITIVE.get(s, ""), min(factor.values())))
-                     for s, law in laws.items() if law is not None}
+        per_stage = {s: project(law, factor[PRIMITIVE[s]]) for s, law in laws.items() if law is not None}
+        largest = max(mine, key=lambda p: p["params"])
+        share = largest["stage_s"].get("other", 0.0) / largest["total_s"]
+        per_stage["other"] = sum(per_stage.values()) * share / (1 - share)
         total = sum(per_stage.values())
+        if laws.get("colouring") is not None:
+            per_stage_bound = project(laws["colouring"], factor["matmul"])
+        else:
+            per_stage_bound = None
         projections[method] = {"laws": laws, "h100_s": per_stage, "h100_total_s": total,
+                               "colouring_matmul_bound_s": per_stage_bound,
                                "dominant": max(per_stage, key=per_stage.get) if per_stage else None,
                                "goal_s": GOALS_S.get(method), "meets_goal": total <= GOALS_S.get(method, math.inf)}
     print(f"\nH100 / this machine: " + ", ".join(f"{k} {v:.0f}x" for k, v in factor.items()))

@@ -110,6 +110,7 @@ def test_compress_cost_fits_power_laws_and_projects_every_stage(tmp_path):
     assert {(p["hidden"], p["layers"]) for p in out["points"]} == {(32, 2), (64, 2), (32, 3)}
     proj = out["projections"]["basis_sharing"]
     assert set(proj["h100_s"]) == {s for p in out["points"] for s in p["stage_s"]}
+    assert {"calibration", "statistics", "fitting"} <= set(proj["h100_s"])
     assert proj["h100_total_s"] == pytest.approx(sum(proj["h100_s"].values())) and proj["goal_s"] == 240.0
     # a synthetic stage that grows as L * h^3 is fitted back exactly
     points = [{"layers": l, "hidden": h, "tokens": 1, "stage_s": {"eigen": 1e-9 * l * h**3}}
