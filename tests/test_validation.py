@@ -163,6 +163,10 @@ def test_text_length_is_counted_with_the_model_tokenizer(task_cfg, shared_cache,
 
     warm = plan(task_cfg("demo_lm"))
     warm.task.build_model(0)  # pretrains (or finds) the embedded model in the shared cache
+    from core.io import umask
+
+    for folder in (shared_cache / "hf_lm").glob("embedded-*/"):  # not mkdtemp's 0700: readable by the group
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask()
     text = tmp_path / "t.txt"
     text.write_text("the " * 50)
     n = len(encode_stream(warm.task.tokenizer, text.read_text(), True)[0])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from core.errors import ConfigError
-from core.io import file_lock, stable_hash, write_json_atomic
+from core.io import file_lock, stable_hash, umask, write_json_atomic
 from core.progress import progress_bar
 from tasks.lm.corpora import CORPORA, JOIN, corpus_digest, demo_split, encode_stream, pydoc_topics
 
@@ -169,6 +169,7 @@ def ensure_embedded(ecfg: EmbeddedConfig, cache_dir: Path, progress: bool = True
             meta.update(config=dataclasses.asdict(ecfg), version=EMBEDDED_VERSION, corpus=CORPORA["demo"].description,
                         corpus_sha256=corpus_digest(pydoc_topics()), train_docs=train, test_docs=test)
             write_json_atomic(tmp / "embedded.json", meta)
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is 0700: give it the mode a plain mkdir would
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
