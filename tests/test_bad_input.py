@@ -68,6 +68,7 @@ CASES = [
     (["task=demo_resnet", "method=fips"], r"fips.*ResNet"),
     (["task=demo_resnet", "method=basis_sharing"], r"basis_sharing needs a transformer adapter"),
     (["task=demo_vit", "method=svd", "method.scope=mlp", "task.model_kwargs.depth=0"], r"scope 'mlp' holds no"),
+    (["task=demo_vit", "+task.model_kwargs.nope=1"], r"bad task.model_kwargs"),
     (["task=demo_resnet", "task.checkpoint={wrong.safetensors}"], r"does not fit ResNet: missing: bn1.weight.*; shape: conv1.weight \[3, 3\] \(model \[16, 1, 3, 3\]\)"),
     (["task=demo_lm", "task.seqlen=4096"], r"task.seqlen=4096 exceeds the model's 2048 positions"),
     (["task=demo_lm", "task.calib.seqlen=3000"], r"task.calib.seqlen=3000 exceeds"),
