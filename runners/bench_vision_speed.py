@@ -1,13 +1,15 @@
 """Inference images/s and resident weight bytes of compressed vision models against the dense model.
 
-Random weights (timing does not depend on the values), no data:
+Random weights (timing does not depend on the values), no data. Each model is compressed as a run compresses it:
+the method's config composed from ``conf/method/<name>.yaml`` and applied with ``Method.apply``:
 
-* ``resnet20`` / ``vgg11`` (the CIFAR variants, 32 x 32 inputs): dense, and ``stable_rps`` (RANDOMFOLD, one shared
-  array for every conv and linear weight) at ``--hashed-ratio`` (0.9 = 10x);
+* ``resnet20`` / ``vgg11`` (the CIFAR variants, 32 x 32 inputs): dense, and ``stable_rps`` (its config: one shared
+  array for every conv and linear weight) at ``--hashed-ratio`` (0.9 = 10x), as at the start of its training;
 * ``deit_base`` (timm ``deit_base_patch16_224``, ``pretrained=False``; ``--vit-kwargs`` for a smaller ViT): dense, and
-  ``fips`` at ``--fips-ratio`` of the MLP weights with V ``--sparsity`` sparse (SVD initialisation and magnitude
-  pruning: the stored structure of a reconstructed model, without the reconstruction), element-wise and in b x b
-  blocks (``--sparsity-blocks 1 32``; ``fips_b32``: V as BSR, the Triton block-sparse kernel on CUDA).
+  ``fips`` at ``--fips-ratio`` of the MLP weights with V ``--sparsity`` sparse, element-wise and in b x b blocks
+  (``--sparsity-blocks 1 32``; ``fips_b32``: V as BSR, the Triton block-sparse kernel on CUDA). Its reconstruction
+  runs one step (``method.steps=1``) on two batches of random images: the stored structure (ranks, V's sparsity
+  and blocks) is that of a full reconstruction, which only changes the values.
 
 Every compressed model is measured under each ``--kernels`` choice: ``torch``, the naive layout (hashed weights
 gathered through a resident index into a dense weight before the library conv/GEMM; FiPS's V dense with its
@@ -31,12 +33,9 @@ import torch
 from torch import nn
 
 from methods import kernels
-from methods.fips import FiPSConfig
-from methods.fips_factors import install_factorised, plan_groups
 from methods.fuse import inference_layout
-from methods.hashing import HashingConfig, share_weights
-from methods.sparse_training import Sparsifier
 from runners import measure
+from runners.bench_method import apply_method, method_config, random_images
 from runners.record import write_benchmark
 from tasks.adapters import create_adapter
 from tasks.models.cifar import resnet, vgg
@@ -55,22 +54,24 @@ def build(name: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ..
     import timm
 
     model = timm.create_model("deit_base_patch16_224", pretrained=False, **args.vit_kwargs)
-    return model, (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    return model, vit_input_shape(model)
+
+
+def vit_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) of a timm ViT's input."""
+    return model.patch_embed.proj.in_channels, *model.patch_embed.img_size
 
 
 def compress(name: str, model: nn.Module, args: argparse.Namespace, block: int) -> tuple[str, float]:
     """Apply the model's method in place (FiPS with V pruned in ``block`` x ``block`` blocks); returns (method,
     ratio)."""
-    adapter = create_adapter(model)
+    device = next(model.parameters()).device
     if name == "deit_base":
-        cfg = FiPSConfig(ratio=args.fips_ratio, sparsity=args.sparsity, sparsity_block=block)
-        modules, _ = install_factorised(model, adapter, plan_groups(adapter, cfg), cfg.overcomplete_tau)
-        Sparsifier([m.v for m in modules], args.sparsity, block).prepare()
+        cfg = method_config("fips", f"method.ratio={args.fips_ratio}", f"method.sparsity={args.sparsity}",
+                            f"method.sparsity_block={block}", "method.steps=1")
+        apply_method(model, cfg, random_images(vit_input_shape(model), 2, 4, device), device)
         return ("fips" if block == 1 else f"fips_b{block}"), args.fips_ratio
-    scope = adapter.scope("prunable")
-    n = sum(layer.weight.numel() for layer in scope.values())
-    share_weights(adapter, scope, n - round(args.hashed_ratio * n), HashingConfig(name="stable_rps"), 0,
-                  torch.Generator().manual_seed(0))
+    apply_method(model, method_config("stable_rps", f"method.ratio={args.hashed_ratio}"), None, device)
     return "stable_rps", args.hashed_ratio
 
 
