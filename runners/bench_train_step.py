@@ -20,27 +20,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from methods import METHODS, CompressContext
+from methods import METHODS
+from runners.bench_method import apply_method, method_config
 from runners.record import write_benchmark
-from tasks.adapters import create_adapter
 from tasks.models import resnet, vgg
 
 ARCHS = {"resnet20": lambda: resnet(20, 10, 3, 16), "vgg11": lambda: vgg(11, 10, 3, batch_norm=True)}
 
 
 def build(arch: str, method: str, ratio: float, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """The architecture at init on ``device``, compressed by ``method`` (None for dense); returns (model, method)."""
+    """The architecture at init on ``device``, compressed by ``method`` (its composed config at ``ratio``, as a run
+    does, with ``Method.apply``; dense: untouched); returns (model, method or None)."""
     torch.manual_seed(seed)
     model = ARCHS[arch]().to(device)
     if method == "dense":
         return model, None
-    cls = METHODS.get(method)
-    m = cls(cls.config_class(ratio=ratio))
-    if not m.train_time:
+    if not METHODS.get(method).train_time:
         raise SystemExit(f"{method} is not a train-time method")
-    adapter = create_adapter(model)
-    m.check(adapter)
-    m.apply(model, adapter, CompressContext(task=None, device=device, seed=seed, progress=False))
+    m, _ = apply_method(model, method_config(method, f"method.ratio={ratio}"), None, device, seed)
     return model, m
 
 
