@@ -108,8 +108,9 @@ BEDS = {  # name -> (task, overrides, main metric)
     "vit_fashion_mnist": ("vit_fashion_mnist", [], "acc/top1"),
     "swin_fashion_mnist": ("swin_fashion_mnist", [], "acc/top1"),
 }
-# Basis Sharing's shared roles on timm models: the roles Geo-Sharing colours there (its configs cover LLaMA only)
-TIMM_SHARED = ["+method.shared.vit=[qkv,fc1]", "+method.shared.swin=[qkv,fc1]"]
+# Basis Sharing on timm models (its configs cover LLaMA only): Geo-Sharing's input-only metric on adjacent pairs of
+# the roles it colours, per Swin stage (equal to basis_sharing on LLaMA, tests/test_geo_sharing.py)
+TIMM_BASIS_SHARING = ["method=geo_sharing", "method.hessian=kfac", "method.colouring=adjacent"]
 
 
 def wiki_overrides(model_dir: Path, wikitext: Path, windows: int, calib: int) -> list[str]:
@@ -144,13 +145,14 @@ def run_bed(task_name: str, task_overrides: list[str], metric: str, ratios: list
     task, device = first.task, first.device
     dense_model = task.build_model(0)
     state = {k: v.clone() for k, v in dense_model.state_dict().items()}
-    rows = [{"variant": "dense", "ratio": 0.0, metric: task.evaluate(dense_model)[metric]}]
+    rows = [{"variant": "dense", "ratio": 0.0, **{k: v for k, v in task.evaluate(dense_model).items()
+                                                  if isinstance(v, float) and not k.startswith("protocol/")}}]
     print(rows[-1], flush=True)
     for ratio in ratios:
         for name, overrides in variants.items():
-            extra = TIMM_SHARED if overrides[0] == "method=basis_sharing" and "fashion" in task_name else []
-            p = plan(compose([f"task={task_name}", *task_overrides, *overrides, *extra, f"method.ratio={ratio}",
-                              *common]))
+            if name == "basis_sharing" and "fashion" in task_name:
+                overrides = TIMM_BASIS_SHARING
+            p = plan(compose([f"task={task_name}", *task_overrides, *overrides, f"method.ratio={ratio}", *common]))
             model = task.build_model(0)
             model.load_state_dict(state)
             adapter = create_adapter(model)
@@ -161,10 +163,12 @@ def run_bed(task_name: str, task_overrides: list[str], metric: str, ratios: list
             out = p.method.apply(model, adapter, CompressContext(task, device, 0, progress=False))
             seconds = time.perf_counter() - t0
             counts = accounting.compressed_counts(model, {q: model.get_submodule(q) for q in scope}, dense_counts)
-            rows.append({"variant": name, "ratio": ratio, metric: task.evaluate(model)[metric], "seconds": seconds,
+            quality = {k: v for k, v in task.evaluate(model).items()
+                       if isinstance(v, float) and not k.startswith("protocol/")}
+            rows.append({"variant": name, "ratio": ratio, **quality, "seconds": seconds,
                          "removed_fraction": counts["scope/removed_fraction"],
                          **{k: v for k, v in out.items() if k.startswith("method/")}})
-            print({k: rows[-1][k] for k in ("variant", "ratio", metric, "seconds", "removed_fraction")}, flush=True)
+            print(rows[-1], flush=True)
     return rows
 
 
