@@ -460,6 +460,9 @@ class GFM(AAFM):
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        teacher = self._teacher
+        power = [float(t.pow(2).mean()) for t in teacher]
+        gen = torch.Generator().manual_seed(ctx.seed)
         order: list[int] = []
 
         def step(t: int) -> float:
@@ -472,9 +475,6 @@ class GFM(AAFM):
             if value >= cfg.tol * power[j]:  # at rounding-level error Adam would turn noise into lr-sized steps
                 loss.backward()
             return value
-        teacher = self._teacher
-        power = [float(t.pow(2).mean()) for t in teacher]
-        gen = torch.Generator().manual_seed(ctx.seed)
 
         def train() -> dict[str, Any]:
             hist = train_steps(params, None, steps, step, cfg.lr, cfg.lr_min, cfg.weight_decay, ctx.progress, "gfm")

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import METHODS, CompressContext, Method, MethodConfig
 from core.compressed import CompressedModule
+from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.modules import masked_from_dense
 
 

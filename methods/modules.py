@@ -19,6 +19,7 @@ from torch import nn
 from core.compressed import CompressedModule
 from methods import kernels
 
+
 class LowRankLinear(CompressedModule):
     """y = (x V^T) U^T + b with U: (out, rank), V: (rank, in). Replaces an ``nn.Linear`` (out, in)."""
 
@@ -189,6 +190,44 @@ class MaskedConv2d(_Masked, nn.Conv2d):
 
     def spec(self) -> dict[str, Any]:
         return _conv_spec(self)
+
+
+def _conv_spec(layer: nn.Conv2d) -> dict[str, Any]:
+    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+            "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
+            "dilation": list(layer.dilation), "groups": layer.groups, "bias": layer.bias is not None,
+            "padding_mode": layer.padding_mode}
+
+
+def masked_from_dense(layer: nn.Module) -> _Masked:
+    if isinstance(layer, nn.Linear):
+        return MaskedLinear.from_dense(layer)
+    if isinstance(layer, nn.Conv2d):
+        return MaskedConv2d.from_dense(layer)
+    raise TypeError(f"cannot mask a {type(layer).__name__}; expected nn.Linear or nn.Conv2d")
+
+
+class SharedBasisLinear(LowRankLinear):
+    """A ``LowRankLinear`` whose ``v`` (rank, in) is a basis shared by every layer of its sharing class, the same
+    ``nn.Parameter`` object in each (so it is stored, counted, moved and saved once); ``u`` (out, rank) holds this
+    layer's own coefficients. y = (x V^T) U^T + b."""
+
+    @classmethod
+    def from_shared(cls, basis: nn.Parameter, coeff: torch.Tensor, bias: torch.Tensor | None) -> "SharedBasisLinear":
+        """A layer computing with ``basis`` itself (not a copy) and a copy of ``coeff`` (out, rank) and ``bias``."""
+        with torch.device("meta"):
+            m = cls(basis.shape[1], coeff.shape[0], basis.shape[0], bias is not None)
+        m.v = basis
+        m.u = nn.Parameter(coeff.detach().to(basis.device, basis.dtype, copy=True))
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(basis.device, basis.dtype, copy=True))
+        return m
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared basis"
+
+
 class TwoSidedSharedLinear(CompressedModule):
     """y = ((x V^T) S^T) W^T + b: an input basis ``v`` (rank, in) and an output basis ``w`` (out, rank), both shared
     by every layer of the sharing class (the same ``nn.Parameter`` objects), and this layer's core ``s``
@@ -227,44 +266,6 @@ class TwoSidedSharedLinear(CompressedModule):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, shared input and output bases"
-
-
-
-
-def _conv_spec(layer: nn.Conv2d) -> dict[str, Any]:
-    return {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
-            "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
-            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-            "dilation": list(layer.dilation), "groups": layer.groups, "bias": layer.bias is not None,
-            "padding_mode": layer.padding_mode}
-
-
-def masked_from_dense(layer: nn.Module) -> _Masked:
-    if isinstance(layer, nn.Linear):
-        return MaskedLinear.from_dense(layer)
-    if isinstance(layer, nn.Conv2d):
-        return MaskedConv2d.from_dense(layer)
-    raise TypeError(f"cannot mask a {type(layer).__name__}; expected nn.Linear or nn.Conv2d")
-
-
-class SharedBasisLinear(LowRankLinear):
-    """A ``LowRankLinear`` whose ``v`` (rank, in) is a basis shared by every layer of its sharing class, the same
-    ``nn.Parameter`` object in each (so it is stored, counted, moved and saved once); ``u`` (out, rank) holds this
-    layer's own coefficients. y = (x V^T) U^T + b."""
-
-    @classmethod
-    def from_shared(cls, basis: nn.Parameter, coeff: torch.Tensor, bias: torch.Tensor | None) -> "SharedBasisLinear":
-        """A layer computing with ``basis`` itself (not a copy) and a copy of ``coeff`` (out, rank) and ``bias``."""
-        with torch.device("meta"):
-            m = cls(basis.shape[1], coeff.shape[0], basis.shape[0], bias is not None)
-        m.v = basis
-        m.u = nn.Parameter(coeff.detach().to(basis.device, basis.dtype, copy=True))
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(basis.device, basis.dtype, copy=True))
-        return m
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, shared basis"
 
 
 class MaskedFactor(_Masked):

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.compressed import CompressedModule
 from core.errors import ConfigError
 from methods.base import METHODS, CompressContext, Method, MethodConfig
 from methods.magnitude import global_score_masks, kept_count
-from core.compressed import CompressedModule
 from methods.modules import MaskedConv2d, MaskedLinear, masked_from_dense
 
 Masked = (MaskedLinear, MaskedConv2d)

@@ -8,22 +8,12 @@ from methods import METHODS
 from runners.record import METRICS_JSON, RUN_JSON
 from runners.run import execute, plan
 from tasks import TASKS as TASK_FAMILIES
-from tasks.adapters import create_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TASKS = ["toy", "demo_lm", "demo_resnet"]
 RATIO = 0.5
 TOLERANCE = 0.06  # rank and rounding granularity of the small test models
-
-
-def applicable(p) -> bool:
-    model = p.task.build_model(p.run.seed)
-    try:
-        p.method.check(create_adapter(model))
-        return True
-    except ConfigError:
-        return False
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -33,8 +23,9 @@ def test_method_contract(task_cfg, method):
         cfg = task_cfg(task, f"method={method}", f"method.ratio={RATIO}")
         if METHODS.get(method).train_time and not TASK_FAMILIES.get(cfg.task.family).supports_training():
             continue  # plan refuses it (tests/test_configs.py)
-        p = plan(cfg)
-        if not applicable(p):
+        try:
+            p = plan(cfg)
+        except ConfigError:  # the method cannot compress this architecture: refused on a skeleton of the model
             continue
         assert execute(task_cfg(task, f"method={method}", f"method.ratio={RATIO}"), []) == "done", \
             read_json(p.run_dir / RUN_JSON).get("traceback")
