@@ -226,9 +226,11 @@ class FiPS(Method):
         """All groups at once: teacher cache, SVD init, joint block-wise reconstruction."""
         cfg = self.cfg
         batches, n_batches = self.calibration(ctx)
-        cache = capture_block_io(adapter, batches, CACHE_DTYPES[cfg.cache_dtype], cfg.cache_device, n_batches,
-                                 ctx.progress, desc="fips teacher")
-        modules, params = install_factorised(model, adapter, groups, cfg.overcomplete_tau, ctx.device)
+        with ctx.stage("calibration"):
+            cache = capture_block_io(adapter, batches, CACHE_DTYPES[cfg.cache_dtype], cfg.cache_device, n_batches,
+                                     ctx.progress, desc="fips teacher")
+        with ctx.stage("factorise"):
+            modules, params = install_factorised(model, adapter, groups, cfg.overcomplete_tau, ctx.device)
         steps = self.n_steps(recipe, len(cache.inputs[0]))
         self.steps_total = steps
         sparsifier = self._make_sparsifier(recipe["sparsifier"], [m.v for m in modules], steps)
@@ -241,7 +243,8 @@ class FiPS(Method):
                                recipe["lr"], recipe["lr_min"], recipe["weight_decay"], ctx.progress, "fips local")
             return {"state": factor_state(modules), "history": torch.tensor(hist, dtype=torch.float64)}
 
-        result = ctx.checkpointed("fips_local", train)
+        with ctx.stage("fitting"):
+            result = ctx.checkpointed("fips_local", train)
         load_factor_state(modules, result["state"])
         self.history = [float(x) for x in result["history"]]
         return modules, sparsifier

@@ -57,9 +57,11 @@ def random_images(shape: tuple[int, ...], n: int, batch: int, device: torch.devi
 
 def apply_method(model: nn.Module, cfg: MethodConfig, task: Task | None, device: torch.device, seed: int = 0
                  ) -> tuple[Method, dict[str, float]]:
-    """Compress ``model`` in place as a run of ``cfg`` does (``check``, then ``apply``); returns (method, metrics)."""
+    """Compress ``model`` in place as a run of ``cfg`` does (``check``, then ``apply``); returns (method, metrics
+    with the compression sub-stages' ``compress/<stage>_s`` and ``_peak_bytes``)."""
     method = create_method(cfg)
     adapter = create_adapter(model)
     method.check(adapter)
-    metrics = method.apply(model, adapter, CompressContext(task=task, device=device, seed=seed, progress=False))
-    return method, metrics
+    ctx = CompressContext(task=task, device=device, seed=seed, progress=False)
+    metrics = method.apply(model, adapter, ctx)
+    return method, {**metrics, **ctx.stage_metrics}

@@ -29,7 +29,7 @@ INCOMPATIBLE = {("cifar_cnn", m) for m in ("basis_sharing", "fips", "geo_sharing
 
 def test_every_yaml_is_covered_by_a_test_below():
     groups = {p.parent.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")} - {"."}
-    assert groups <= {"task", "method", "experiment", "logger", "hydra/launcher", "local"}, groups
+    assert groups <= {"task", "method", "experiment", "logger", "hydra/launcher", "local", "demo_point"}, groups
     assert TASKS and METHODS and EXPERIMENTS
 
 

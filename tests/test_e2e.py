@@ -45,8 +45,9 @@ def test_multirun_prints_the_table_and_writes_the_report(tmp_path, shared_cache)
         assert (out / "report" / name).stat().st_size > 0
     table = (out / "report" / "table.md").read_text()
     assert "magnitude" in table and "svd" in table and table.strip() in stdout
-    # a second launch skips everything and leaves the records untouched
+    # a second launch of the same command skips everything and leaves the records untouched
     before = {p: p.read_bytes() for p in (out / "runs").rglob("*.json")}
     cli("-m", "runners.run", "-m", "task=demo_resnet", "method=dense,magnitude,svd", "method.ratio=0.2,0.5",
-        "logger=none", "progress=false", f"out_dir={out}", f"cache_dir={shared_cache}", *TINY["demo_resnet"])
+        "logger=none", "progress=false", f"out_dir={out}", f"cache_dir={shared_cache}",
+        "measure.min_run_time_s=0.02", *TINY["demo_resnet"])
     assert before == {p: p.read_bytes() for p in (out / "runs").rglob("*.json")}

@@ -546,7 +546,8 @@ def test_bench_fips_runs_with_tiny_settings(tmp_path):
                 "--model-kwargs", '{"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2}',
                 "--out", str(tmp_path / "bench.json")])
     r = out["result"]
-    assert r["model"] == "deit_base_patch16_224" and r["steps"] == 3 and r["step_ms_median"] > 0
+    assert r["model"] == "deit_base_patch16_224" and r["steps"] == 3 and r["step_ms_mean"] > 0
+    assert {"compress/calibration_s", "compress/factorise_s", "compress/fitting_s"} <= set(r["compress"])
     assert r["v_sparsity"] == pytest.approx(0.75, abs=1e-3) and (tmp_path / "bench.json").is_file()
 
 

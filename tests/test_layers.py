@@ -27,8 +27,8 @@ def imports(path: Path, pkg: str) -> list[tuple[str, bool]]:
     package ``pkg`` (relative imports resolve against it)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     top_level = {id(n) for n in tree.body}
-    for node in tree.body:  # imports under a module-level `if` / `try` run at import time too
-        if isinstance(node, (ast.If, ast.Try)):
+    for node in tree.body:  # imports under a module-level `if` / `try` run at import time too (not TYPE_CHECKING)
+        if isinstance(node, ast.Try) or (isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test)):
             top_level |= {id(n) for n in ast.walk(node)}
     out = []
     for node in ast.walk(tree):
@@ -103,3 +103,5 @@ def test_the_checker_sees_imports(tmp_path):
     src.write_text("import os\nfrom runners.record import RunRecord\n\n\ndef f():\n    from . import io\n")
     assert imports(src, "core") == [("runners.record", True), ("runners.record.RunRecord", True),
                                     ("core", False), ("core.io", False)]
+    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import methods.base\n")
+    assert imports(src, "core") == [("methods.base", False)]

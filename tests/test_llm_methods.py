@@ -44,6 +44,9 @@ class Ctx(CompressContext):
         for _ in range(4):
             yield {"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}
 
+    def provides(self, kind):
+        return kind == "calibration_batches"
+
 
 def ctx(seed: int = 0) -> Ctx:
     return Ctx(task=None, device=torch.device("cpu"), seed=seed, progress=False)
@@ -363,6 +366,9 @@ def test_rank_multiple_rounds_every_rank_down_to_the_hardware_tile(name):
     assert exact.keys() == rounded.keys() and exact
     assert any(r % 4 for r in exact.values())   # the check can fail: some exact ranks are not multiples of 4
     for path, r in exact.items():
-        assert rounded[path] == max(4, r // 4 * 4), path
+        if name == "geo_sharing":  # its classes are chosen under the rounded ranks, so they may differ: tiles only
+            assert rounded[path] % 4 == 0 and rounded[path] >= 4, path
+        else:
+            assert rounded[path] == max(4, r // 4 * 4), path
     with pytest.raises(ConfigError, match="rank_multiple=0"):
         METHODS.get(name).config_class(ratio=0.5, rank_multiple=0)

@@ -95,7 +95,7 @@ def test_sweep_killed_with_sigkill_and_relaunched(task_cfg, tmp_path, shared_cac
 
     # the same point, uninterrupted, in this process
     method = redone["summary"]["method"]
-    reference = task_cfg("demo_resnet", f"method={method}", "method.ratio=0.5")
+    reference = task_cfg("demo_resnet", f"method={method}", "method.ratio=0.5", "measure.min_run_time_s=0.5")
     p = plan(reference)
     assert p.run_id == killed.name
     assert execute(reference, []) == "done"

@@ -156,7 +156,7 @@ def test_launcher_config_takes_cluster_settings_from_the_environment(monkeypatch
 
 def test_points_lists_the_sweep_as_the_launcher_expands_it(capsys):
     assert points_cli.main(["--count", "experiment=demo"]) == 0
-    assert capsys.readouterr().out.strip() == "12"
+    assert capsys.readouterr().out.strip() == "13"  # conf/experiment/demo.yaml: 13 points
     assert points_cli.main(["--index", "1", "task=demo_lm", "method=magnitude,svd", "logger=none"]) == 0
     assert capsys.readouterr().out.split() == ["task=demo_lm", "method=svd", "logger=none"]
     assert points_cli.main(["--index", "2", "task=demo_lm", "method=magnitude,svd"]) == 2
