@@ -18,6 +18,7 @@ import torch
 
 from core.io import read_json
 from runners.record import METRICS_JSON, RUN_JSON
+from runners.report import DEFAULT_METRICS
 from runners.run import STAGE_DIR, execute, plan
 from slurm import points as points_cli
 from slurm import prefetch
@@ -118,7 +119,8 @@ def test_sweep_through_slurm_survives_a_preemption(slurm, task_cfg, tmp_path, sh
     rows = [line for line in (out / "report" / "table.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 3 and "runs: 4 done" in (out / "report" / "table.md").read_text()  # header + 2 methods
     cells = [cell.strip() for row in rows[1:] for cell in row.strip("|").split("|")[1:]]
-    assert len(cells) == 8 and all(float(cell.strip("*")) >= 0 for cell in cells)  # every cell a number
+    # 2 ratios x report.DEFAULT_METRICS (main, removed fraction, compression_x) per method row; every cell a number
+    assert len(cells) == 2 * 2 * len(DEFAULT_METRICS) and all(float(cell.strip("*")) >= 0 for cell in cells)
 
     summary = requeued["summary"]
     reference = task_cfg(summary["task"], f"method={summary['method']}", f"method.ratio={summary['ratio']}")
