@@ -123,7 +123,8 @@ def test_sweep_through_slurm_survives_a_preemption(slurm, task_cfg, tmp_path, sh
     assert len(cells) == 2 * 2 * len(DEFAULT_METRICS) and all(float(cell.strip("*")) >= 0 for cell in cells)
 
     summary = requeued["summary"]
-    reference = task_cfg(summary["task"], f"method={summary['method']}", f"method.ratio={summary['ratio']}")
+    reference = task_cfg(summary["task"], f"method={summary['method']}", f"method.ratio={summary['ratio']}",
+                         "measure.min_run_time_s=1", "measure.warmup=1")  # the sweep's measurement protocol
     assert plan(reference).run_id == preempted.name
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the 1-CPU job
