@@ -33,7 +33,7 @@ building blocks (``methods.basis_sharing``), each kept because it measurably low
    respect to the layer's (whitened) input. Similarity = the cosine of profiles <P_i, P_j>_F / (|P_i| |P_j|);
    average-linkage clustering over any layers gives a dendrogram; the classes are the cut of the dendrogram that
    minimises J = sum over classes and layers of the predicted loss increase 1/2 tr(G_i D_i A_i D_i^T) (dynamic
-   programming over the tree: 2L - 1 class fits). Every class gets the rank of its size under the ratio
+   programming over the tree: 2L - 1 candidate classes, each scored without a fit by ``ClassCosts``). Every class gets the rank of its size under the ratio
    (Basis Sharing's ``basis_rank``), so every cut keeps the parameter budget and the number of classes is chosen
    by J, not by a rule; Basis Sharing's adjacent pairs are kept instead when their J is lower, so by its own
    criterion the colouring is never worse than pairs. ``num_classes: K`` cuts the dendrogram into exactly K
@@ -50,10 +50,11 @@ building blocks (``methods.basis_sharing``), each kept because it measurably low
 
 No step depends on an absolute size (no eigenpair count): every step acts on LLaMA-7B shapes and on demo models.
 ``colouring: adjacent, hessian: kfac`` is Basis Sharing exactly. Cost: one forward + backward of the dense model
-per calibration batch (G), the block-wise pass (A), per coloured component L profile products and 2L - 1 class
-fits (one SVD of d_in x n d_out each), then the final fits. Memory: G is d_out^2 per layer, kept on the CPU in
-float64 (LLaMA-7B: about 2.6 GB per block, mostly gate/up), the coloured roles' A as before (about 0.27 GB per
-block).
+per calibration batch (G), the block-wise pass (A), per coloured component two d_in x d_in products per layer
+(H_i, K_i) and one Cholesky + eigh of d_in x d_in per candidate class (2L - 1 + ceil(L/2)), then the final fits.
+Memory: G is d_out^2 per layer, kept on the CPU in float64 (LLaMA-7B: about 2.6 GB per block, mostly gate/up),
+the coloured roles' A as before (about 0.27 GB per block); while a component is coloured, its H_i, K_i, A_i and
+profiles on the device (LLaMA-7B: 32 x 4 x 134 MB = 17 GB in float64).
 """
 from __future__ import annotations
 
@@ -170,15 +171,67 @@ def canonical(groups) -> Partition:
 
 
 def profile_similarity(profiles: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Cosine similarity <P_i, P_j>_F / (|P_i|_F |P_j|_F) of curvature profiles (n, n), from factors Z_i with
-    P_i = Z_i Z_i^T (d_in, out_i): <P_i, P_j>_F = |Z_i^T Z_j|_F^2."""
+    """Cosine similarity <P_i, P_j>_F / (|P_i|_F |P_j|_F) (n, n) of curvature profiles P_i (d_in, d_in)."""
     n = len(profiles)
     sim = torch.empty(n, n, dtype=torch.float64)
     for a in range(n):
         for b in range(a, n):
-            sim[a, b] = sim[b, a] = (profiles[a].T @ profiles[b]).pow(2).sum()
+            sim[a, b] = sim[b, a] = float((profiles[a] * profiles[b]).sum())
     norms = sim.diagonal().sqrt().clamp_min(1e-300)
     return sim / norms[:, None] / norms[None, :]
+
+
+class ClassCosts:
+    """Step 4's cost of a candidate class of one coloured component: J = sum over its layers of the predicted loss
+    increase 1/2 tr(G_i D_i A_i D_i^T) of ``GeoSharing.fit_class``, from per-layer (d_in, d_in) statistics instead
+    of a class fit.
+
+    fit_class's basis spans the top-k left singular vectors U of L^T [W_1^T R_1 | ...] (L L^T the class's pooled
+    input Gram, R_i the damped output factor), i.e. the top-k eigenvectors of L^T (sum_i H_i) L with
+    H_i = W_i^T R_i R_i^T W_i; its layers' error is D_i = -W_i (I - E F^T), E = L U, F = L^{-T} U. So
+    J_i = 1/2 [tr(K_i A_i) - 2 <K_i E, A_i F> + <E^T K_i E, F^T A_i F>] with K_i = W_i^T G_i W_i (G_i undamped;
+    I under ``hessian: kfac``) and A_i the layer's mean input Gram. A class costs one Cholesky and one eigh of
+    d_in x d_in whatever its size, plus O(d_in^2 k) per layer (a fit: an SVD of d_in x n d_out). H_i, K_i, A_i are
+    held on ``device`` in float64 for the component's layers (3 d_in^2 each)."""
+
+    def __init__(self, weights: dict[int, torch.Tensor], grams: dict[int, Gram],
+                 out_grams: dict[int, torch.Tensor] | None, beta: float, rank: Callable[[tuple[int, ...]], int],
+                 device: torch.device):
+        self.grams, self.rank, self.device = grams, rank, device
+        self.h: dict[int, torch.Tensor] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.a: dict[int, torch.Tensor] = {}
+        self.base: dict[int, float] = {}
+        for i, w in weights.items():
+            w = w.detach().to(device, torch.float64)
+            if out_grams is None:
+                self.h[i] = self.k[i] = w.T @ w
+            else:
+                g = out_grams[i].to(device, torch.float64)
+                scaled = damped_output_factor(g, beta).T @ w  # R_i^T W_i
+                self.h[i], self.k[i] = scaled.T @ scaled, w.T @ (g @ w)
+            self.a[i] = grams[i].xtx.to(device) / max(grams[i].tokens, 1)
+            self.base[i] = float((self.k[i] * self.a[i]).sum())
+
+    def profiles(self, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Curvature profiles P_i = L^T H_i L (d_in, d_in) of ``layers`` under their pooled whitening L: the loss
+        curvature with respect to the layer's whitened input (Z_i Z_i^T for Z_i = L^T W_i^T R_i)."""
+        chol, _ = whitening_factor(Gram.pooled([self.grams[i] for i in layers], self.device).xtx)
+        return [chol.T @ self.h[i] @ chol for i in layers]
+
+    def __call__(self, group: tuple[int, ...]) -> float:
+        chol, _ = whitening_factor(Gram.pooled([self.grams[i] for i in group], self.device).xtx)
+        total = self.h[group[0]].clone()
+        for i in group[1:]:
+            total += self.h[i]
+        u = torch.linalg.eigh(chol.T @ total @ chol).eigenvectors[:, -self.rank(group):]  # top-k, ascending order
+        e = chol @ u
+        f = torch.linalg.solve_triangular(chol.T, u, upper=True)
+        cost = 0.0
+        for i in group:
+            ke, af = self.k[i] @ e, self.a[i] @ f
+            cost += 0.5 * (self.base[i] - 2.0 * float((ke * af).sum()) + float(((e.T @ ke) * (f.T @ af)).sum()))
+        return cost
 
 
 @dataclass
@@ -360,19 +413,22 @@ class GeoSharing(Method):
     def colour(self, adapter: ModelAdapter, layout: Layout, stats: _Statistics,
                out_grams: dict[tuple[str, int], torch.Tensor] | None, device: torch.device) -> dict[str, Any]:
         """Step 4: {"groups": {role: classes}, "objective": J of the classes, "objective_pairs": J of Basis
-        Sharing's adjacent pairs, "fits": class fits}."""
+        Sharing's adjacent pairs, "classes_scored": candidate classes whose J was computed (``ClassCosts``)}."""
         groups: dict[str, list[list[int]]] = {}
-        totals = {"objective": 0.0, "objective_pairs": 0.0, "fits": 0.0}
+        totals = {"objective": 0.0, "objective_pairs": 0.0, "classes_scored": 0.0}
         for role, components in layout.graph.items():
             groups[role] = []
             for layers in components:
+                costs = ClassCosts(
+                    {i: adapter.model.get_submodule(adapter.role_path(role, i)).weight for i in layers},
+                    {i: stats.grams[(role, i)] for i in layers},
+                    None if out_grams is None else {i: out_grams[(role, i)] for i in layers},
+                    self.cfg.beta, lambda group, role=role: self.rank(layout, role, group), device)
                 cache: dict[tuple[int, ...], float] = {}
 
-                def cost(group: tuple[int, ...], role=role) -> float:
+                def cost(group: tuple[int, ...]) -> float:
                     if group not in cache:
-                        fit = self.fit_class(adapter, layout, role, group, [stats.grams[(role, i)] for i in group],
-                                             out_grams, device, install=False)
-                        cache[group] = sum(fit["increase"])
+                        cache[group] = costs(group)
                     return cache[group]
 
                 k = self.cfg.num_classes
@@ -380,30 +436,16 @@ class GeoSharing(Method):
                 if self.cfg.colouring == "adjacent":
                     partition = canonical(contiguous_classes(layers, k)) if k is not None else pairs
                 else:
-                    tree = Dendrogram.build(layers, profile_similarity(self.profiles(adapter, role, layers, stats,
-                                                                                     out_grams, device)))
+                    tree = Dendrogram.build(layers, profile_similarity(costs.profiles(layers)))
                     partition = tree.cut(k) if k is not None else min(
                         (tree.best_cut(cost)[0], pairs), key=lambda p: sum(cost(g) for g in p))
                 totals["objective"] += sum(cost(g) for g in partition)
                 totals["objective_pairs"] += sum(cost(g) for g in pairs)
-                totals["fits"] += len(cache)
+                totals["classes_scored"] += len(cache)
                 groups[role] += [list(g) for g in partition]
                 log.info("geo_sharing %s: layers %s -> %d classes %s", role, layers, len(partition), partition)
+                del costs
         return {"groups": groups, **totals}
-
-    def profiles(self, adapter: ModelAdapter, role: str, layers: Sequence[int], stats: _Statistics,
-                 out_grams: dict[tuple[str, int], torch.Tensor] | None, device: torch.device) -> list[torch.Tensor]:
-        """Curvature-profile factors Z_i = L^T W_i^T R_i (d_in, d_out): L the component's pooled whitening factor,
-        R_i the damped output factor (I under ``hessian: kfac``); P_i = Z_i Z_i^T."""
-        chol, _ = whitening_factor(Gram.pooled([stats.grams[(role, i)] for i in layers], device).xtx)
-        out = []
-        for i in layers:
-            z = chol.T @ adapter.model.get_submodule(adapter.role_path(role, i)).weight.detach().to(device,
-                                                                                                 torch.float64).T
-            if out_grams is not None:
-                z = z @ damped_output_factor(out_grams[(role, i)].to(device), self.cfg.beta)
-            out.append(z.cpu())
-        return out
 
     @staticmethod
     def _two_sided(adapter: ModelAdapter, role: str, group: Sequence[int], gram: torch.Tensor) -> None:
@@ -437,7 +479,7 @@ class GeoSharing(Method):
             run_blocks(adapter, inputs, layout.roles(), ctx.timed("fitting", stats), ctx.device, ctx.progress,
                        desc="geo_sharing")
         with ctx.stage("colouring"):
-            colouring = ctx.checkpointed("geo_sharing_colouring",
+            colouring = ctx.checkpointed("geo_sharing_classes",
                                          lambda: self.colour(adapter, layout, stats, out_grams, ctx.device))
         groups = {role: [tuple(int(i) for i in g) for g in colouring["groups"][role]] for role in layout.graph}
         per_layer = list(stats.per_layer)
@@ -469,7 +511,7 @@ class GeoSharing(Method):
         out["method/bases"] = float(sum(len(gs) for gs in all_groups.values()))
         out["method/non_adjacent_classes"] = float(sum(
             not contiguous(g, layout.graph[role]) for role, gs in groups.items() for g in gs))
-        for key in ("objective", "objective_pairs", "fits"):
+        for key in ("objective", "objective_pairs", "classes_scored"):
             out[f"method/{key}"] = float(colouring[key])
         out["method/predicted_increase"] = float(sum(per_layer))
         out["method/damped_grams"] = float(damped)

@@ -121,14 +121,46 @@ def test_two_sided_rank_is_the_largest_within_budget():
 def test_profile_similarity_is_the_cosine_of_the_profiles():
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(3)]
-    zs.append(2.0 * zs[0])  # the same profile at another scale
-    sim = profile_similarity(zs)
     ps = [z @ z.T for z in zs]
+    ps.append(4.0 * ps[0])  # the same profile at another scale
+    sim = profile_similarity(ps)
     for a in range(4):
         for b in range(4):
             ref = (ps[a] * ps[b]).sum() / (ps[a].norm() * ps[b].norm())
             torch.testing.assert_close(sim[a, b], ref)
     assert float(sim[0, 3]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(beta=0.0), dict(beta=math.inf), dict(hessian="kfac")])
+def test_class_costs_equal_the_predicted_increase_of_a_class_fit(monkeypatch, kw):
+    """ClassCosts (one eigh of d_in x d_in per class) gives the J of fit_class (an SVD of d_in x n d_out) for
+    adjacent and non-adjacent classes of every size, and its profiles are Z_i Z_i^T with Z_i = L^T W_i^T R_i."""
+    checked = []
+    colour = geo.GeoSharing.colour
+
+    def spy(self, adapter, layout, stats, out_grams, device):
+        for role in ("q", "gate"):
+            layers = layout.graph[role][0]
+            weights = {i: adapter.model.get_submodule(adapter.role_path(role, i)).weight for i in layers}
+            costs = geo.ClassCosts(weights, {i: stats.grams[(role, i)] for i in layers},
+                                   None if out_grams is None else {i: out_grams[(role, i)] for i in layers},
+                                   self.cfg.beta, lambda group: self.rank(layout, role, group), device)
+            for group in [(0,), (3,), (0, 1), (1, 3), (0, 2, 4), (0, 1, 2, 3, 4)]:
+                fit = self.fit_class(adapter, layout, role, group, [stats.grams[(role, i)] for i in group],
+                                     out_grams, device, install=False)
+                assert costs(group) == pytest.approx(sum(fit["increase"]), rel=1e-8), (role, group)
+                checked.append(group)
+            chol, _ = geo.whitening_factor(geo.Gram.pooled([stats.grams[(role, i)] for i in layers]).xtx)
+            for i, p in zip(layers, costs.profiles(layers)):
+                z = chol.T @ weights[i].detach().double().T
+                if out_grams is not None:
+                    z = z @ geo.damped_output_factor(out_grams[(role, i)], self.cfg.beta)
+                torch.testing.assert_close(p, z @ z.T)
+        return colour(self, adapter, layout, stats, out_grams, device)
+
+    monkeypatch.setattr(geo.GeoSharing, "colour", spy)
+    compress(tiny_llama(5), ratio=0.4, **kw)
+    assert len(checked) == 12
 
 
 def test_dendrogram_merges_the_most_similar_first_across_non_adjacent_layers():
@@ -245,7 +277,7 @@ def test_colouring_is_a_partition_chosen_by_the_predicted_loss():
         if role not in SHARED:
             assert len(classes) == 5
     assert out["method/objective"] <= out["method/objective_pairs"] + 1e-12  # pairs are a candidate
-    assert out["method/fits"] >= 2 * 5 - 1
+    assert out["method/classes_scored"] >= 2 * 5 - 1
 
 
 def test_a_model_whose_first_and_last_blocks_are_alike_shares_them():
