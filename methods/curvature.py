@@ -39,30 +39,62 @@ def labelled_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
     return F.cross_entropy(forward_batch(model, x).float(), y, reduction="sum")
 
 
-def output_gradient_grams(model: nn.Module, paths: Sequence[str], batches: Iterable[Any], loss_sum: LossSum,
-                          store: torch.device | str = "cpu") -> dict[str, Gram]:
+# share of the device's free memory that the G sums of one pass may take (CUDA); the rest is for the model's forward
+# and backward
+DEVICE_MEMORY_SHARE = 0.3
+
+
+def gradient_passes(sizes: Sequence[int], max_bytes: float | None) -> list[range]:
+    """Consecutive runs of layers whose float64 G sums (``sizes``: d_out per layer) fit ``max_bytes`` together
+    (at least one layer each); one run when ``max_bytes`` is None."""
+    if max_bytes is None:
+        return [range(len(sizes))]
+    runs, start, used = [], 0, 0.0
+    for j, d in enumerate(sizes):
+        if j > start and used + 8.0 * d * d > max_bytes:
+            runs.append(range(start, j))
+            start, used = j, 0.0
+        used += 8.0 * d * d
+    return runs + [range(start, len(sizes))]
+
+
+def output_gradient_grams(model: nn.Module, paths: Sequence[str], batches: Callable[[], Iterable[Any]],
+                          loss_sum: LossSum, store: torch.device | str = "cpu",
+                          max_bytes: float | None = None) -> dict[str, Gram]:
     """G of every linear in ``paths``: the sum over batches and output rows of g g^T, g the gradient of the batch's
     summed loss (``loss_sum``) w.r.t. that output row (one forward and backward of ``model`` per batch; no
-    parameter gradient is formed). ``tokens`` counts the rows; float64, kept on ``store``."""
+    parameter gradient is formed). ``tokens`` counts the rows; float64, kept on ``store``.
+
+    The sums are formed on each layer's device. ``paths`` (in forward order) are taken in passes whose G fit
+    ``max_bytes`` (default: on CUDA, ``DEVICE_MEMORY_SHARE`` of the free memory; on the CPU, one pass), each pass a
+    forward and backward per batch of ``batches()`` whose backward stops at the pass's first layer; a finished pass's
+    G move to ``store``. LLaMA-7B's G are 83 GB in float64: about five passes on one H100."""
     modules = [model.get_submodule(p) for p in paths]
-    grams = {p: Gram.zeros(m.out_features, store) for p, m in zip(paths, modules)}
-    outputs: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda mod, args, out: outputs.append(out)) for m in modules]
+    if max_bytes is None and modules and modules[0].weight.is_cuda:
+        max_bytes = DEVICE_MEMORY_SHARE * torch.cuda.mem_get_info(modules[0].weight.device)[0]
     weights = [m.weight for m in modules]
     flags = [w.requires_grad for w in weights]
+    grams: dict[str, Gram] = {}
     try:
         for w in weights:
             w.requires_grad_(True)  # so the outputs are in the graph; only their gradients are computed
-        with torch.enable_grad():
-            for batch in batches:
-                outputs.clear()
-                loss = loss_sum(model, batch)
-                grads = torch.autograd.grad(loss, outputs)
-                for p, g in zip(paths, grads):
-                    grams[p].add(g)
+        for run in gradient_passes([m.out_features for m in modules], max_bytes):
+            chunk = {paths[j]: Gram.zeros(modules[j].out_features, weights[j].device) for j in run}
+            outputs: dict[str, torch.Tensor] = {}
+            handles = [modules[j].register_forward_hook(
+                lambda mod, args, out, path=paths[j]: outputs.__setitem__(path, out)) for j in run]
+            try:
+                with torch.enable_grad():
+                    for batch in batches():
+                        outputs.clear()
+                        loss = loss_sum(model, batch)
+                        for path, g in zip(outputs, torch.autograd.grad(loss, list(outputs.values()))):
+                            chunk[path].add(g)
+            finally:
+                for h in handles:
+                    h.remove()
+            grams.update({p: Gram(g.xtx.to(store), g.tokens) for p, g in chunk.items()})
     finally:
-        for h in handles:
-            h.remove()
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
     return grams

@@ -379,9 +379,9 @@ class GeoSharing(Method):
         """Step 2's G of every scope linear, a mean over output rows (d_out, d_out), on the CPU: the task loss on
         the labelled calibration batches where the task has them, else the LM loss of the token windows."""
         if ctx.provides("labelled_calibration_batches"):
-            batches, loss = ctx.labelled_calibration_batches(), labelled_loss_sum
+            batches, loss = ctx.labelled_calibration_batches, labelled_loss_sum
         else:
-            batches, loss = ctx.calibration_batches(), lm_loss_sum
+            batches, loss = ctx.calibration_batches, lm_loss_sum
         keys = sorted(layout.shapes, key=lambda x: (x[1], list(adapter.roles).index(x[0])))
         paths = [adapter.role_path(r, i) for r, i in keys]
         grams = output_gradient_grams(model, paths, batches, loss)

@@ -13,11 +13,12 @@ tokens, for the stages that stream calibration tokens) is fitted by least square
 
 Projection to LLaMA-7B (hidden 4096, MLP 11008, 32 layers, 256 x 2048 calibration tokens, t = 550): the fitted
 law gives the stage's time on this machine at that shape, and the ratio of the H100's rate to this machine's
-rate for the stage's dominant primitive converts it: matmul (calibration forward, statistics, refit, colouring)
-bf16 784 TFLOP/s; eigh / Cholesky (eigen) fp32, 0.097 s at 4096^2; SVD (fitting) fp32, 1.15 s for 4096 x 16384.
-This machine's rates are measured at small sizes and scaled by n^3 (eigh) and m^2 n (SVD, m <= n). Time in no
-named stage (``other``) keeps its share of the largest measured point. The projection inherits the fit's error and the
-assumption that a stage is bound by its primitive; BENCHMARKS.md lists the caveats.
+rate for the stage's dominant primitive converts it: matmul (calibration forward, statistics, refit, curvature)
+bf16 784 TFLOP/s; eigh / Cholesky (eigen, colouring) fp32, 0.097 s at 4096^2; SVD (fitting) fp32, 1.15 s for
+4096 x 16384. This machine's rates are measured at small sizes and scaled by n^3 (eigh) and m^2 n (SVD, m <= n).
+The token stages (statistics, curvature) take at least their arithmetic at the H100's rates (``flop_floor_s``).
+Time in no named stage (``other``) keeps its share of the largest measured point. The projection inherits the
+fit's error and the assumption that a stage is bound by its primitive; BENCHMARKS.md lists the caveats.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from methods import METHODS, CompressContext
+from methods.curvature import DEVICE_MEMORY_SHARE, gradient_passes
 from core.io import read_json
 from runners.record import write_benchmark
 from tasks.adapters import create_adapter
@@ -42,7 +44,9 @@ H100 = {"matmul_flops": 784e12, "eigh_4096_s": 0.097, "eigh_11008_s": 0.98, "svd
 # its per-layer products are matmuls, counted at the eigh rate too (an upper bound)
 PRIMITIVE = {"calibration": "matmul", "statistics": "matmul", "refit": "matmul", "colouring": "eigh",
              "curvature": "matmul", "eigen": "eigh", "fitting": "svd"}
-TOKEN_STAGES = ("calibration", "statistics", "refit")  # stages whose work grows with the calibration tokens
+TOKEN_STAGES = ("calibration", "statistics", "refit", "curvature")  # stages whose work grows with the tokens
+H100_FP64_FLOPS = 67e12  # H100 SXM datasheet, FP64 tensor core: the float64 Gram sums
+H100_FREE_BYTES = 80e9 - 13.5e9  # an H100's memory less LLaMA-7B's bf16 weights
 GOALS_S = {"geo_sharing": 600.0, "basis_sharing": 240.0}
 
 
@@ -137,6 +141,24 @@ def fit(points: list[dict[str, Any]], stage: str) -> dict[str, float] | None:
     return {"log_c": float(logc), "layers_exp": float(a), "hidden_exp": float(b), "per_token": per_token}
 
 
+def flop_floor_s(stage: str) -> float:
+    """Seconds the arithmetic of a token stage needs at LLaMA-7B on one H100 (0 for other stages): block forwards
+    (and backwards) at the bf16 rate, float64 Gram sums at the FP64 rate. statistics: one forward of every block and
+    X^T X of each distinct input (q/k/v, o, gate/up, down: 3 h^2 + m^2 per token). curvature: per pass of
+    ``methods.curvature.output_gradient_grams`` (G of a pass within DEVICE_MEMORY_SHARE of the free memory) a
+    forward and a full backward (an upper bound: the backward stops at the pass's first layer), plus g g^T of
+    every linear's output (5 h^2 + 2 m^2 per token). Small shapes, where overheads dominate, fit these stages
+    below their arithmetic; the projection takes the larger of the two."""
+    h, m, layers, tokens = LLAMA_7B["hidden"], LLAMA_7B["intermediate"], LLAMA_7B["layers"], LLAMA_7B["tokens"]
+    forward = 2.0 * (4 * h * h + 3 * h * m) * tokens * layers / H100["matmul_flops"]
+    if stage == "statistics":
+        return forward + 2.0 * (3 * h * h + m * m) * tokens * layers / H100_FP64_FLOPS
+    if stage == "curvature":
+        passes = len(gradient_passes([h] * 4 * layers + [m] * 2 * layers, DEVICE_MEMORY_SHARE * H100_FREE_BYTES))
+        return 3 * forward * passes + 2.0 * (5 * h * h + 2 * m * m) * tokens * layers / H100_FP64_FLOPS
+    return 0.0
+
+
 def project(law: dict[str, float], factor: float) -> float:
     """Seconds on one H100 at the LLaMA-7B shape from a fitted law and the stage's speed-up factor."""
     s = math.exp(law["log_c"]) * LLAMA_7B["layers"] ** law["layers_exp"] * LLAMA_7B["hidden"] ** law["hidden_exp"]
@@ -179,21 +201,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mine = [p for p in points if p["method"] == method]
         stages = sorted({s for p in mine for s in p["stage_s"]} - {"other"})
         laws = {s: fit(mine, s) for s in stages}
-        per_stage = {s: project(law, factor[PRIMITIVE[s]]) for s, law in laws.items() if law is not None}
+        fitted = {s: project(law, factor[PRIMITIVE[s]]) for s, law in laws.items() if law is not None}
+        floors = {s: flop_floor_s(s) for s in fitted}
+        per_stage = {s: max(fitted[s], floors[s]) for s in fitted}
         largest = max(mine, key=lambda p: p["params"])
         share = largest["stage_s"].get("other", 0.0) / largest["total_s"]
         per_stage["other"] = sum(per_stage.values()) * share / (1 - share)
         total = sum(per_stage.values())
-        projections[method] = {"laws": laws, "h100_s": per_stage, "h100_total_s": total,
+        projections[method] = {"laws": laws, "h100_fit_s": fitted, "h100_flop_floor_s": floors,
+                               "h100_s": per_stage, "h100_total_s": total,
                                "dominant": max(per_stage, key=per_stage.get) if per_stage else None,
                                "goal_s": GOALS_S.get(method), "meets_goal": total <= GOALS_S.get(method, math.inf)}
     print(f"\nH100 / this machine: " + ", ".join(f"{k} {v:.0f}x" for k, v in factor.items()))
-    print(f"{'method':>14} {'stage':>12} {'a (layers)':>10} {'b (hidden)':>10} {'H100 7B s':>10}")
+    print(f"{'method':>14} {'stage':>12} {'a (layers)':>10} {'b (hidden)':>10} {'fit s':>8} {'flops s':>8} "
+          f"{'H100 7B s':>10}")
     for method, proj in projections.items():
         for s, law in proj["laws"].items():
             if law is not None:
                 print(f"{method:>14} {s:>12} {law['layers_exp']:>10.2f} {law['hidden_exp']:>10.2f} "
-                      f"{proj['h100_s'][s]:>10.1f}")
+                      f"{proj['h100_fit_s'][s]:>8.1f} {proj['h100_flop_floor_s'][s]:>8.1f} {proj['h100_s'][s]:>10.1f}")
         print(f"{method:>14} {'total':>12} {'':>10} {'':>10} {proj['h100_total_s']:>10.1f}  goal "
               f"{proj['goal_s']} s, dominant: {proj['dominant']}")
     return write_benchmark(args.out, device, vars(args), points=points, local_rates=local, h100=H100,

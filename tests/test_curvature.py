@@ -8,6 +8,7 @@ from torch import nn
 
 from methods.curvature import (
     damped_output_factor,
+    gradient_passes,
     labelled_loss_sum,
     metric_basis,
     output_gradient_grams,
@@ -30,7 +31,7 @@ def test_output_gradient_grams_match_explicit_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     batches = [(rand(4, 5, seed=s), torch.tensor([0, 1, 2, 1])) for s in (1, 2)]
-    grams = output_gradient_grams(model, ["0", "2"], batches, labelled_loss_sum)
+    grams = output_gradient_grams(model, ["0", "2"], lambda: batches, labelled_loss_sum)
     ref = {0: torch.zeros(7, 7, dtype=torch.float64), 2: torch.zeros(3, 3, dtype=torch.float64)}
     for x, y in batches:
         h = model[0](x)
@@ -41,6 +42,33 @@ def test_output_gradient_grams_match_explicit_gradients():
     torch.testing.assert_close(grams["0"].xtx, ref[0])
     torch.testing.assert_close(grams["2"].xtx, ref[2])
     assert grams["0"].tokens == 8 and all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_passes_fit_the_byte_budget():
+    assert gradient_passes([4, 4, 8], None) == [range(3)]
+    assert gradient_passes([4, 4, 8], 8 * 32) == [range(2), range(2, 3)]  # 2 x 4^2 fit; 8^2 alone over budget
+    assert gradient_passes([4, 4, 8], 1) == [range(1), range(1, 2), range(2, 3)]
+
+
+def test_output_gradient_grams_in_several_passes_equal_one_pass():
+    """A byte budget below any two layers' G: one pass per layer (the backward stopping at that layer), the same
+    G as one pass over every layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batches = [(rand(4, 5, seed=s), torch.tensor([0, 1, 2, 1])) for s in (1, 2)]
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return iter(batches)
+
+    one = output_gradient_grams(model, ["0", "2", "4"], counted, labelled_loss_sum)
+    assert len(calls) == 1
+    passes = output_gradient_grams(model, ["0", "2", "4"], counted, labelled_loss_sum, max_bytes=8 * 6 * 6)
+    assert len(calls) == 1 + 3
+    for p in one:
+        torch.testing.assert_close(passes[p].xtx, one[p].xtx, rtol=0, atol=0)
+        assert passes[p].tokens == one[p].tokens == 8
 
 
 def test_damping_limits():
