@@ -11,6 +11,7 @@ whole-model compression factor on a log axis (the guideline of ShrinkBench, arXi
 from __future__ import annotations
 
 import io
+import logging
 import math
 import zlib
 from typing import TYPE_CHECKING
@@ -128,5 +129,12 @@ def render(tables: dict[str, "TaskTable"], runs: pd.DataFrame, x: str = "ratio",
         for i, name in enumerate(names):
             draw_panel(fig.add_subplot(nrows, ncols, i + 1), tables[name], runs, x)
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=DPI, metadata={"Software": None} if fmt == "png" else {"CreationDate": None})
+        fonts = logging.getLogger("fontTools")  # the PDF font subsetting logs every font table at INFO
+        level = fonts.level
+        fonts.setLevel(max(level, logging.WARNING))
+        try:
+            fig.savefig(buf, format=fmt, dpi=DPI,
+                        metadata={"Software": None} if fmt == "png" else {"CreationDate": None})
+        finally:
+            fonts.setLevel(level)
     return buf.getvalue()

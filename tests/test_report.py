@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import subprocess
@@ -332,6 +333,15 @@ def test_figures_pdf_and_png_at_print_resolution(sweep):
             assert 2.5 < width_in <= 3.5
     assert figures.RC["font.size"] >= 7 and figures.RC["legend.fontsize"] >= 6
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_pdf_figures_do_not_log_font_subsetting(tmp_path, caplog):
+    """The main job's output is the table, not one INFO line per font table of every PDF."""
+    with pytest.warns(UserWarning):
+        runs = collect_runs(make_runs(tmp_path / "sweep"))
+    caplog.set_level(logging.INFO)
+    assert figures.render(build_tables(runs), runs, fmt="pdf")[:5] == b"%PDF-"
+    assert not [r for r in caplog.records if r.name.startswith("fontTools")]
 
 
 def _panel(runs, x="ratio", task="demo_img"):
