@@ -8,14 +8,14 @@ regrown entry starts from zero. Before the forward, ``sparsifier.prepare_step(t)
 gradients when step t updates a RigL mask.
 
 * ``magnitude``: prune to the target sparsity once (``prepare``), masks fixed afterwards.
-* ``rigl`` (Evci et al. 2020; sparsimony ``RigL`` with ``CosineDecayScheduler``, the FiPS ViT configs): the target
+* ``rigl`` (RigL, arXiv 1911.11134; sparsimony ``RigL`` with ``CosineDecayScheduler``, the FiPS ViT configs): the target
   sparsity from step 0 (global magnitude pruning of the initial factors); every ``update_every`` steps up to
   ``t_end`` = ``end`` x steps, drop the fraction a_t = a/2 (1 + cos(pi t / t_end)) of the active weights with the
   smallest |w| and regrow as many inactive ones with the largest dense-gradient magnitude (gradient of the masked
   product over the step's backward passes; just-dropped entries may come back). Regrown weights start at zero
   (RigL; sparsimony's ``grown_weights_init=0``, which its code at f4af0e4 computes but discards). The number of
   non-zeros never changes.
-* ``gmp`` (Kurtic et al.'s GMP*, sparsimony ``GMP`` + ``AcceleratedCubicScheduler``, the FiPS LLM configs): prune to
+* ``gmp`` (GMP*, arXiv 2210.06384; sparsimony ``GMP`` + ``AcceleratedCubicScheduler``, the FiPS LLM configs): prune to
   ``initial`` at ``prepare``; at every multiple of ``update_every`` up to ``t_end`` (and at ``t_end`` itself):
   sparsity ``initial`` before ``t_accel``, then s_f + (s_acc - s_f) (1 - (t - t_accel) / (t_end - t_accel))^3,
   which is s_acc at t_accel and exactly s_f at t_end. ``quirk=True`` divides by t_end instead, as sparsimony does

@@ -7,7 +7,8 @@ Scopes every adapter answers:
   ``linear``    every ``nn.Linear`` inside the repeated blocks (decoder / encoder linears)
   ``attention`` the attention linears of the blocks
   ``mlp``       the MLP linears of the blocks
-  ``prunable``  every conv and linear weight of the model, stem and classifier included (Synaptic-Flow scope)
+  ``prunable``  every conv and linear weight of the model, stem and classifier included (as Synaptic-Flow,
+                arXiv 2006.05467)
   ``auto``      the architecture's default: ``linear`` for transformers, ``prunable`` otherwise
 """
 from __future__ import annotations

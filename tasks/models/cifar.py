@@ -1,4 +1,4 @@
-"""CIFAR-style ResNet (He et al. 2016, OpenLTH ``cifar_resnet_<depth>``) and VGG-11-bn with a global-pool classifier.
+"""CIFAR-style ResNet (arXiv 1512.03385, OpenLTH ``cifar_resnet_<depth>``) and VGG-11-bn with a global-pool classifier.
 
 ResNet-<depth>: stem conv3x3 -> BN -> ReLU, three stages of ``(depth - 2) / 6`` basic blocks with widths W, 2W, 4W
 (W = 16), global average pool, ``fc`` 4W -> classes. The shortcut is a 1x1 stride-2 conv + BN where the width changes
