@@ -34,11 +34,12 @@ building blocks (``methods.basis_sharing``), each kept because it measurably low
    respect to the layer's (whitened) input. Similarity = the cosine of profiles <P_i, P_j>_F / (|P_i| |P_j|);
    average-linkage clustering over any layers gives a dendrogram; the classes are the cut of the dendrogram that
    minimises J = sum over classes and layers of the predicted loss increase 1/2 tr(G_i D_i A_i D_i^T) (dynamic
-   programming over the tree: 2L - 1 candidate classes, each scored without a fit by ``ClassCosts``). Every class gets the rank of its size under the ratio
-   (Basis Sharing's ``basis_rank``), so every cut keeps the parameter budget and the number of classes is chosen
-   by J, not by a rule; Basis Sharing's adjacent pairs are kept instead when their J is lower, so by its own
-   criterion the colouring is never worse than pairs. ``num_classes: K`` cuts the dendrogram into exactly K
-   classes instead; ``colouring: adjacent`` takes contiguous runs (K default ceil(L/2): Basis Sharing's pairs).
+   programming over the tree: 2L - 1 candidate classes, each scored without a fit by ``ClassCosts``). Every
+   class gets the rank of its size under the ratio (Basis Sharing's ``basis_rank``), so every cut keeps the
+   parameter budget and the number of classes is chosen by J, not by a rule; Basis Sharing's adjacent pairs are
+   kept instead when their J is lower, so by its own criterion the colouring is never worse than pairs.
+   ``num_classes: K`` cuts the dendrogram into exactly K classes instead; ``colouring: adjacent`` takes
+   contiguous runs (K default ceil(L/2): Basis Sharing's pairs).
    Evidence: under the input-only metric it lowers perplexity at 0.3 and 0.5 on both language beds (demo_lm
    0.5: 123.25 -> 122.74; 12-layer 0.5: 152.35 -> 152.09, 3 non-adjacent classes); under the loss metric it
    helps at 4 of the ablation's 8 cells (up to -0.18) and hurts at 3 (up to +0.18): J ranks class choices only
